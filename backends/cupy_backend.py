@@ -1,0 +1,43 @@
+"""CuPy on a CUDA GPU. CuPy is imported only when this backend is chosen."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendError
+from .base import Backend
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self):
+        try:
+            import cupy
+        except ImportError:
+            raise BackendError("backend 'cupy' needs CuPy: pip install 'npvlm[cuda]' (or cupy-cuda12x / cupy-cuda13x)") from None
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CUDARuntimeError: no driver, no device
+            raise BackendError(f"backend 'cupy': no usable CUDA GPU ({type(e).__name__}: {e})") from None
+        if n < 1:
+            raise BackendError("backend 'cupy': CuPy found no CUDA GPU")
+        self._cp = cupy
+
+    @property
+    def xp(self):
+        from array_api_compat import array_namespace
+
+        return array_namespace(self._cp.empty(0, dtype=self._cp.float32))
+
+    def asarray(self, a):
+        return self._cp.asarray(np.ascontiguousarray(a))
+
+    def to_host(self, x):
+        return self._cp.asnumpy(x)
+
+    def synchronize(self):
+        self._cp.cuda.get_current_stream().synchronize()
+
+    def peak_memory(self):
+        return int(self._cp.get_default_memory_pool().total_bytes())

@@ -1,0 +1,77 @@
+"""The Gemma decoder: Gemma 1 for PaliGemma, Gemma 2 for PaliGemma 2, chosen by the config.
+
+    ids [B, T] -> embed_tokens * sqrt(D) -> L decoder layers -> final RMSNorm -> h [B, T, D]
+    logits = h @ embed_tokens.T (the head is tied to the embedding)
+
+Gemma 1 layer:  x += attn(rms(x));               x += mlp(rms(x))
+Gemma 2 layer:  x += rms(attn(rms(x)));          x += rms(mlp(rms(x)))
+(so the checkpoint key `post_attention_layernorm` is the pre-MLP norm in Gemma 1 but the norm
+of the attention *output* in Gemma 2), plus attention and final logit soft-caps,
+`query_pre_attn_scalar` and a sliding window on every other layer.
+
+References: Gemma Team 2024 ("Gemma", "Gemma 2"); Su et al. 2021 (RoPE); Shazeer 2020 (GLU
+variants); Ainslie et al. 2023 (GQA); HF `modeling_gemma.py`, `modeling_gemma2.py`; big_vision
+`models/ppp/gemma.py`; google/gemma_pytorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace
+
+from .config import TextConfig
+from .nn import attention, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
+
+
+def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]} -> [B, T, D]
+    """Token embeddings times sqrt(D): the constant is rounded to the weight's dtype first, as HF does."""
+    xp = array_namespace(embed_tokens["weight"])
+    B, T = ids.shape
+    e = xp.take(embed_tokens["weight"], xp.reshape(ids, (B * T,)), axis=0)  # [B*T, D]
+    scale = xp.asarray(math.sqrt(cfg.hidden_size), dtype=e.dtype)
+    return xp.reshape(e, (B, T, cfg.hidden_size)) * scale
+
+
+def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, start=0):
+    """[B, T, D] -> [B, T, D]; with a cache, the T new keys/values go in at `start` and all S are read."""
+    q = rope(split_heads(linear(x, **q_proj), cfg.num_attention_heads), cos, sin)  # [B, H, T, E]
+    k = rope(split_heads(linear(x, **k_proj), cfg.num_key_value_heads), cos, sin)  # [B, K, T, E]
+    v = split_heads(linear(x, **v_proj), cfg.num_key_value_heads)  # [B, K, T, E]
+    if cache is not None:
+        k, v = cache.update(layer, k, v, start)  # [B, K, S, E], keys cached after RoPE
+    o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping)  # [B, H, T, E]
+    return linear(merge_heads(o), **o_proj)
+
+
+def gemma_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_layernorm, mlp, *, cfg: TextConfig, **ctx):
+    eps = cfg.rms_norm_eps
+    x = x + self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg, **ctx)
+    return x + geglu(rms_norm(x, **post_attention_layernorm, eps=eps), **mlp)  # Gemma 1: the pre-MLP norm
+
+
+def gemma2_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_layernorm, pre_feedforward_layernorm,
+                 mlp, post_feedforward_layernorm, *, cfg: TextConfig, **ctx):
+    eps = cfg.rms_norm_eps
+    a = self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg, **ctx)
+    x = x + rms_norm(a, **post_attention_layernorm, eps=eps)  # Gemma 2: the attention-output norm
+    m = geglu(rms_norm(x, **pre_feedforward_layernorm, eps=eps), **mlp)
+    return x + rms_norm(m, **post_feedforward_layernorm, eps=eps)
+
+
+def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, start=0, **unused):
+    """h [B, T, D] embedded inputs, positions [B, T], masks {"full", "sliding"} additive [B, 1, T, S] -> [B, T, D]."""
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, E] each
+    layer_fn = gemma2_layer if cfg.is_gemma2 else gemma_layer
+    for j, params in enumerate(layers):
+        mask = masks["sliding"] if cfg.is_sliding(j) else masks["full"]
+        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, start=start)
+    return rms_norm(h, **norm, eps=cfg.rms_norm_eps)
+
+
+def lm_head(h, embed_tokens, *, cfg: TextConfig):  # [B, T, D] -> [B, T, V] float32
+    """Tied head: logits = h @ embed_tokens.T; Gemma 2 soft-caps them to (-c, c)."""
+    xp = array_namespace(h)
+    logits = xp.astype(linear(h, embed_tokens["weight"]), xp.float32)
+    c = cfg.final_logit_softcapping
+    return c * xp.tanh(logits / c) if c else logits

@@ -1,0 +1,192 @@
+"""The layers of PaliGemma, as pure functions over arrays of any array-API namespace.
+
+No array library is imported here: each function asks its inputs for their namespace
+(`xp = array_namespace(x)`), so the same code runs under NumPy, CuPy or array_api_strict.
+Parameters arrive as keyword arguments named like the leaves of the HF checkpoint, in
+PyTorch's layout (a Linear weight is [out, in] and y = x @ W.T + b), so the loaded tree is
+the file: `linear(x, **params["q_proj"])`.
+
+Shape legend
+    B batch            T new tokens this call     S cached + new tokens (keys)
+    D width            H query heads              K key/value heads (H % K == 0; K=1 is MQA)
+    E head dim         F MLP width                V vocabulary
+    C channels (3)     P patch side               N patches = (image side / P)^2
+
+Numerics follow the references: statistics, softmax and RoPE angles in float32, the result cast
+back to the input's dtype; scalars are Python floats so nothing is silently widened to float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace
+
+from .errors import ShapeError
+
+MASK_MIN = -3.4028234663852886e38  # finfo(float32).min: a finite "minus infinity" (no NaN rows)
+
+
+def _expect(ok: bool, layer: str, what: str, got) -> None:
+    if not ok:
+        raise ShapeError(f"{layer}: expected {what}, got {got}")
+
+
+# --- dense layers -------------------------------------------------------------------------------
+
+def linear(x, weight, bias=None):  # [..., in], [out, in], [out] -> [..., out]
+    _expect(weight.ndim == 2 and x.shape[-1] == weight.shape[1], "linear",
+            f"x[..., {weight.shape[-1] if weight.ndim == 2 else '?'}] for weight {tuple(weight.shape)}", tuple(x.shape))
+    y = x @ weight.T
+    if bias is not None:
+        _expect(tuple(bias.shape) == (weight.shape[0],), "linear", f"bias of shape ({weight.shape[0]},)", tuple(bias.shape))
+        y = y + bias
+    return y
+
+
+def gelu_tanh(x):  # [...] -> [...]; the tanh approximation both towers use (not exact erf)
+    xp = array_namespace(x)
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+def siglip_mlp(x, fc1, fc2):  # [..., Dv] -> [..., Dv]
+    return linear(gelu_tanh(linear(x, **fc1)), **fc2)
+
+
+def geglu(x, gate_proj, up_proj, down_proj):  # [..., D] -> [..., D]: down(gelu(gate(x)) * up(x))
+    return linear(gelu_tanh(linear(x, **gate_proj)) * linear(x, **up_proj), **down_proj)
+
+
+def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B, N, D]
+    """A conv with stride = kernel = P, done as reshape + matmul (patches row-major, (c, kh, kw) order)."""
+    xp = array_namespace(pixels)
+    _expect(pixels.ndim == 4 and weight.ndim == 4 and pixels.shape[1] == weight.shape[1], "patch_embed",
+            f"pixels [B, {weight.shape[1]}, S, S]", tuple(pixels.shape))
+    B, C, Hs, Ws = pixels.shape
+    D, _, P, _ = weight.shape
+    _expect(Hs % P == 0 and Ws % P == 0, "patch_embed", f"an image side divisible by the patch size {P}", (Hs, Ws))
+    gh, gw = Hs // P, Ws // P
+    x = xp.reshape(pixels, (B, C, gh, P, gw, P))
+    x = xp.permute_dims(x, (0, 2, 4, 1, 3, 5))  # [B, gh, gw, C, P, P]
+    x = xp.reshape(x, (B, gh * gw, C * P * P))  # [B, N, C*P*P]
+    return linear(x, xp.reshape(weight, (D, C * P * P)), bias)
+
+
+# --- normalisation ------------------------------------------------------------------------------
+
+def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]
+    xp = array_namespace(x)
+    _expect(x.shape[-1] == weight.shape[-1], "layer_norm", f"x[..., {weight.shape[-1]}]", tuple(x.shape))
+    h = xp.astype(x, xp.float32)
+    mu = xp.mean(h, axis=-1, keepdims=True)
+    var = xp.mean((h - mu) ** 2, axis=-1, keepdims=True)  # biased, as the paper and torch
+    y = (h - mu) / xp.sqrt(var + eps) * weight + bias
+    return xp.astype(y, x.dtype)
+
+
+def rms_norm(x, weight, eps=1e-6):  # [..., D], [D] -> [..., D]
+    """Gemma's RMSNorm: float32 statistics, scale (1 + w) (w is stored as an offset), cast back last."""
+    xp = array_namespace(x)
+    _expect(x.shape[-1] == weight.shape[-1], "rms_norm", f"x[..., {weight.shape[-1]}]", tuple(x.shape))
+    h = xp.astype(x, xp.float32)
+    h = h / xp.sqrt(xp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return xp.astype(h * (1.0 + xp.astype(weight, xp.float32)), x.dtype)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, momentum=0.1, eps=1e-5):
+    """BatchNorm over axis 1 (channels) of [B, C, ...]: returns (y, new_running_mean, new_running_var).
+
+    Training normalises with the batch mean and *biased* variance, and moves the running stats
+    towards the batch ones with `momentum`, using the *unbiased* variance, as torch does.
+    Eval normalises with the running stats. Pure: the running stats are returned, not mutated.
+    """
+    xp = array_namespace(x)
+    C = weight.shape[0]
+    _expect(x.ndim >= 2 and x.shape[1] == C, "batch_norm", f"x[B, {C}, ...]", tuple(x.shape))
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    shape = (1, C) + (1,) * (x.ndim - 2)  # broadcast per channel
+    if training:
+        n = math.prod(x.shape[i] for i in axes)
+        _expect(n > 1, "batch_norm", "more than one value per channel in training mode", tuple(x.shape))
+        mean = xp.mean(x, axis=axes)
+        var = xp.mean((x - xp.reshape(mean, shape)) ** 2, axis=axes)  # biased, for normalising
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean
+        new_var = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))  # unbiased
+    else:
+        mean, var, new_mean, new_var = running_mean, running_var, running_mean, running_var
+    y = (x - xp.reshape(mean, shape)) / xp.sqrt(xp.reshape(var, shape) + eps)
+    return y * xp.reshape(weight, shape) + xp.reshape(bias, shape), new_mean, new_var
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+def softmax(x, axis=-1):  # [...] -> [...], float32, max-subtracted so exp never overflows
+    xp = array_namespace(x)
+    h = xp.astype(x, xp.float32)
+    e = xp.exp(h - xp.max(h, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def rope_angles(positions, head_dim, theta=10000.0):  # [B, T] int -> cos, sin [B, T, E] float32
+    """RoPE in the split-half ("NeoX", rotate_half) convention, angles in float32 as HF computes them."""
+    xp = array_namespace(positions)
+    inv_freq = 1.0 / (theta ** (xp.astype(xp.arange(0, head_dim, 2), xp.float32) / head_dim))  # [E/2]
+    ang = xp.astype(positions, xp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    ang = xp.concat([ang, ang], axis=-1)  # [B, T, E]
+    return xp.cos(ang), xp.sin(ang)
+
+
+def rope(x, cos, sin):  # [B, H, T, E], [B, T, E], [B, T, E] -> [B, H, T, E]
+    xp = array_namespace(x)
+    _expect(x.ndim == 4 and x.shape[-1] == cos.shape[-1] and x.shape[2] == cos.shape[1], "rope",
+            f"x[B, H, {cos.shape[1]}, {cos.shape[-1]}]", tuple(x.shape))
+    half = x.shape[-1] // 2
+    rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
+    cos, sin = xp.astype(cos[:, None, ...], x.dtype), xp.astype(sin[:, None, ...], x.dtype)
+    return x * cos + rotated * sin
+
+
+def split_heads(x, n_heads):  # [B, T, n*E] -> [B, n, T, E]
+    xp = array_namespace(x)
+    B, T, W = x.shape
+    _expect(W % n_heads == 0, "split_heads", f"a width divisible by {n_heads} heads", tuple(x.shape))
+    return xp.permute_dims(xp.reshape(x, (B, T, n_heads, W // n_heads)), (0, 2, 1, 3))
+
+
+def merge_heads(x):  # [B, n, T, E] -> [B, T, n*E]
+    xp = array_namespace(x)
+    B, n, T, E = x.shape
+    return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (B, T, n * E))
+
+
+def attention(q, k, v, mask=None, *, scale, softcap=None):
+    """Scaled dot-product attention for MHA, GQA and MQA.
+
+    q [B, H, T, E], k and v [B, K, S, E], mask additive [B, 1, T, S] (0 = see, MASK_MIN = hidden)
+    -> [B, H, T, E]. Query head h reads kv head h // (H / K); the kv heads are never copied: the
+    H / K query heads of a group are stacked along T and share one matmul.
+    Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
+    """
+    xp = array_namespace(q)
+    B, H, T, E = q.shape
+    _expect(k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape,
+            "attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = xp.reshape(q, (B, K, G * T, E))  # heads of a group share their kv head
+    s = (qg @ xp.permute_dims(k, (0, 1, 3, 2))) * scale  # [B, K, G*T, S]
+    s = xp.astype(s, xp.float32)
+    if softcap is not None:
+        s = softcap * xp.tanh(s / softcap)
+    s = xp.reshape(s, (B, K, G, T, S))
+    if mask is not None:
+        _expect(mask.ndim == 4 and mask.shape[-2:] == (T, S), "attention", f"mask [B, 1, {T}, {S}]", tuple(mask.shape))
+        s = s + mask[:, :, None, :, :]  # [B, 1, 1, T, S]
+    p = xp.astype(softmax(s, axis=-1), v.dtype)
+    o = xp.reshape(p, (B, K, G * T, S)) @ v  # [B, K, G*T, E]
+    return xp.reshape(o, (B, H, T, E))
+
+
+def additive_mask(allowed, dtype=None):  # bool [...] -> float32 [...]: 0 where allowed, MASK_MIN elsewhere
+    xp = array_namespace(allowed)
+    return xp.where(allowed, xp.asarray(0.0, dtype=xp.float32), xp.asarray(MASK_MIN, dtype=xp.float32))

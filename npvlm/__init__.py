@@ -12,5 +12,17 @@ from .errors import (BackendError, CheckpointError, ConfigError, GenerationError
 
 __version__ = "0.1.0"
 
-__all__ = ["NpvlmError", "BackendError", "ConfigError", "CheckpointError", "TokenizerError", "ImageError",
+
+def load(model_dir=None, backend="numpy", *, progress=None):
+    """Load an HF PaliGemma model folder (the embedded shapes model if None) onto a backend.
+
+    Returns a `npvlm.model.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
+    `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`.
+    """
+    from .model import load as _load
+
+    return _load(model_dir, backend=backend, progress=progress)
+
+
+__all__ = ["load", "NpvlmError", "BackendError", "ConfigError", "CheckpointError", "TokenizerError", "ImageError",
            "GenerationError", "ShapeError", "__version__"]

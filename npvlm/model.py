@@ -37,7 +37,7 @@ class PaliGemmaModel:
     def __init__(self, config: PaliGemmaConfig, params: dict, backend, tokenizer: Tokenizer, images: dict,
                  model_dir: str | None = None, load_seconds: float = 0.0):
         self.config, self.params, self.backend, self.tokenizer = config, params, backend, tokenizer
-        self.image_settings = images  # {"size", "mean", "std", ...} from preprocessor_config.json
+        self.image_settings = images  # preprocess() keywords (size, mean, std, ...) from preprocessor_config.json
         self.model_dir, self.load_seconds = model_dir, load_seconds
 
     @property
@@ -51,11 +51,12 @@ class PaliGemmaModel:
 
     # --- inputs ---------------------------------------------------------------------------------
 
+    def load_images(self, images, *, exif=True):  # paths / PIL images / uint8 arrays -> RGB PIL images
+        return [load_image(im, exif=exif) for im in images]
+
     def pixels(self, images, *, exif=True):  # list of image sources -> device [B, 3, S, S] float32
-        s = self.image_settings
-        arrs = [preprocess(load_image(im, exif=exif), s["size"], mean=s["mean"], std=s["std"]) for im in images]
-        xp = self.xp
-        return xp.stack([self.backend.asarray(a) for a in arrs], axis=0)
+        arrs = [preprocess(im, **self.image_settings, exif=False) for im in self.load_images(images, exif=exif)]
+        return self.xp.stack([self.backend.asarray(a) for a in arrs], axis=0)
 
     def encode_images(self, images, *, exif=True):  # -> device [B, N, D]
         return image_features(self.pixels(images, exif=exif), self.params, cfg=self.config)
@@ -110,7 +111,7 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> Pal
     model_dir = model_dir or EMBEDDED_MODEL
     be = get_backend(backend)
     cfg = PaliGemmaConfig.from_dir(model_dir)
-    tok = Tokenizer.from_dir(model_dir)
+    tok = Tokenizer.from_dir(model_dir, image_token_id=cfg.image_token_index)
     if tok.image_id is not None and tok.image_id != cfg.image_token_index:
         raise ConfigError(f"{model_dir}: the tokenizer's <image> id {tok.image_id} differs from config.json's "
                           f"image_token_index {cfg.image_token_index}")

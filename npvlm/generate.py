@@ -1,0 +1,193 @@
+"""Text generation with a preallocated KV cache: encode the image once, prefill once, then one token a step.
+
+    prefill:  image features + "<image>"*N <bos> prompt "\\n"  ->  cache rows 0..T-1, next-token logits
+    decode:   each new token attends to every cached row and itself (causal), writes row T+i
+
+Greedy picks the arg-max on the device and reads back one integer per row: one host sync per
+token. Sampling (temperature, top-k, top-p) reads the last logits back and draws from one host
+`numpy.random.Generator(seed)`, so a seed gives the same text on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GenerationError
+from .kv_cache import KVCache
+from .paligemma import forward, prefix_lm_masks
+
+
+@dataclass
+class GenerationResult:
+    text: str  # decoded answer, special tokens skipped (<locNNNN> / <segNNN> kept)
+    token_ids: list  # generated ids, eos excluded
+    finish_reason: str  # "eos" or "length"
+    prompt: str = ""
+    image_size: tuple = (0, 0)  # (width, height) of the original image, for mapping boxes back
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def detections(self):
+        """Boxes parsed from `<locY1><locX1><locY2><locX2> label ; ...`, in original image pixels."""
+        from .postprocess import parse_detections
+
+        return parse_detections(self.text, *self.image_size)
+
+
+def check_params(max_new_tokens, temperature, top_p, top_k, seed):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
+    """logits [B, V] on the host -> next ids [B]. Order as HF: temperature, then top-k, then top-p."""
+    if temperature == 0.0:
+        return np.argmax(logits, axis=-1)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    for b, z in enumerate(logits.astype(np.float64) / temperature):
+        if 0 < top_k < z.shape[0]:
+            z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            drop = np.cumsum(p[order]) - p[order] >= top_p  # keep the smallest set whose mass reaches top_p
+            p[order[drop]] = 0.0
+            p /= p.sum()
+        out[b] = rng.choice(p.shape[0], p=p)
+    return out
+
+
+def check_length(model, prompt_tokens: int, max_new_tokens: int):
+    limit = model.config.text.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        n = model.config.num_image_tokens
+        raise GenerationError(f"prompt of {prompt_tokens} tokens ({n} image + {prompt_tokens - n} text) plus max_new_tokens "
+                              f"{max_new_tokens} = {prompt_tokens + max_new_tokens} exceeds the model's {limit} positions")
+
+
+def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                 exif=True, stats=None):
+    """Yield the next token ids (a list, one per row) at each step until every row ends or the budget is spent."""
+    check_params(max_new_tokens, temperature, top_p, top_k, seed)
+    be, cfg, xp = model.backend, model.config, model.xp
+    stats = {} if stats is None else stats
+    batch = model.prepare([model.prompt_ids(p) for p in prompts])
+    B, T = batch.ids.shape
+    check_length(model, T, max_new_tokens)
+    rng = np.random.default_rng(seed)
+    eos = set(cfg.eos_token_ids) | {model.tokenizer.eos_id}
+
+    t0 = time.perf_counter()
+    pil = model.load_images(images, exif=exif)
+    stats["image_sizes"] = [im.size for im in pil]
+    feats = model.encode_images(pil)
+    be.synchronize()
+    t1 = time.perf_counter()
+    embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
+    t = cfg.text
+    cache = KVCache(embed_w, t.num_hidden_layers, B, t.num_key_value_heads, T + max_new_tokens, t.head_dim)
+    # every token generated is real (valid) and causal (not prefix): extend the masks' inputs once
+    valid = xp.concat([batch.valid, xp.ones((B, max_new_tokens), dtype=xp.bool)], axis=1)
+    prefix = xp.concat([batch.prefix, xp.zeros((B, max_new_tokens), dtype=xp.bool)], axis=1)
+    masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=cfg)
+    logits = forward(model.params, batch.ids, batch.positions, masks, cfg=cfg, image_slot=batch.image_slot, feats=feats,
+                     cache=cache, start=0, last_only=True)
+    nxt = pick(be, logits, temperature, top_k, top_p, rng)
+    t2 = time.perf_counter()
+    stats.update(prompt_tokens=T, batch=B, image_seconds=t1 - t0, prefill_seconds=t2 - t1, new_tokens=0)
+
+    last_pos = [row[-1] for row in batch.host["positions"]]
+    done = [False] * B
+    for i in range(max_new_tokens):
+        nxt = [cfg.pad_token_id if done[b] else int(nxt[b]) for b in range(B)]
+        done = [done[b] or nxt[b] in eos for b in range(B)]
+        stats["new_tokens"] = i + 1
+        yield nxt
+        if all(done) or i == max_new_tokens - 1:
+            break
+        s = T + i  # cache row of the token being fed
+        ids = xp.asarray([[tok] for tok in nxt], dtype=xp.int64)
+        pos = xp.asarray([[p + 1 + i] for p in last_pos], dtype=xp.int64)
+        masks = prefix_lm_masks(valid[:, : s + 1], prefix[:, : s + 1], s, cfg=cfg)
+        logits = forward(model.params, ids, pos, masks, cfg=cfg, cache=cache, start=s, last_only=True)
+        nxt = pick(be, logits, temperature, top_k, top_p, rng)
+    stats["decode_seconds"] = time.perf_counter() - t2
+    stats["kv_cache_bytes"] = cache.nbytes
+
+
+def pick(be, logits, temperature, top_k, top_p, rng):  # [B, 1, V] device -> host ids [B]
+    xp = be.xp
+    if temperature == 0.0:
+        return be.to_host(xp.argmax(logits[:, -1, :], axis=-1))  # one small read-back per step
+    return sample(be.to_host(logits[:, -1, :]), temperature, top_k, top_p, rng)
+
+
+def _finish(model, ids, stats, prompt, size):
+    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_id}
+    cut = next((i for i, t in enumerate(ids) if t in eos), None)
+    reason = "eos" if cut is not None else "length"
+    ids = ids if cut is None else ids[:cut]
+    return GenerationResult(model.tokenizer.decode(ids), ids, reason, prompt=prompt, image_size=size, stats=stats)
+
+
+def generate(model, image, prompt, **kw):
+    """One image + prompt -> GenerationResult; lists of images and prompts -> a list (left-padded batch)."""
+    batched = isinstance(prompt, (list, tuple))
+    images = list(image) if batched else [image]
+    prompts = list(prompt) if batched else [prompt]
+    if len(images) != len(prompts):
+        raise GenerationError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
+    stats = {}
+    rows = [[] for _ in prompts]
+    for step in decode_steps(model, images, prompts, stats=stats, **kw):
+        for b, tok in enumerate(step):
+            rows[b].append(tok)
+    _finish_stats(model, stats)
+    results = [_finish(model, r, stats, p, size) for r, p, size in zip(rows, prompts, stats["image_sizes"])]
+    return results if batched else results[0]
+
+
+def stream(model, image, prompt, **kw):
+    """Yield text pieces as tokens arrive, then the GenerationResult as the last item."""
+    stats, row, ids, shown = {}, [], [], ""
+    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_id}
+    for (tok,) in decode_steps(model, [image], [prompt], stats=stats, **kw):
+        row.append(tok)
+        if tok in eos:
+            continue  # the last step: the generator ends after it
+        ids.append(tok)
+        text = model.tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back half a UTF-8 character
+            yield text[len(shown):]
+            shown = text
+    _finish_stats(model, stats)
+    result = _finish(model, row, stats, prompt, stats["image_sizes"][0])
+    if len(result.text) > len(shown):
+        yield result.text[len(shown):]
+    yield result
+
+
+def _finish_stats(model, stats):
+    stats["load_seconds"] = model.load_seconds
+    dec = stats.get("decode_seconds", 0.0)
+    stats["prefill_tokens_per_second"] = stats["prompt_tokens"] * stats["batch"] / max(stats["prefill_seconds"], 1e-9)
+    stats["decode_tokens_per_second"] = max(stats["new_tokens"] - 1, 0) * stats["batch"] / dec if dec > 0 else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stats["peak_rss_bytes"] = rss if sys.platform == "darwin" else rss * 1024
+    stats["peak_device_bytes"] = model.backend.peak_memory()
+    stats["backend"] = model.backend.name

@@ -1,0 +1,418 @@
+"""Text in and out: PaliGemma's Gemma tokenizer, with the ids HF's `PaliGemmaProcessor` produces.
+
+Two file formats, tried in this order (SPEC.md §8, FIELD-NOTES.md §3.3):
+  tokenizer.model  a SentencePiece ModelProto (PaliGemma 1 repos, big_vision), read by `sentencepiece`;
+  tokenizer.json   an HF `tokenizers` file (PaliGemma 2 repos ship only this), read by `tokenizers`.
+
+What HF does on top of the raw model, and npvlm copies:
+  * special tokens written in the text ("<bos>", "<eos>", "<pad>", "<unk>", "<image>", other added
+    tokens) are matched first, leftmost-longest, and become single ids; SentencePiece alone would spell
+    "<bos>" out as characters. "<locNNNN>"/"<segNNN>" and "\\n" are user-defined pieces in both.
+  * `decode(skip_special_tokens=True)` drops control tokens, "<unk>", "<mask>", added tokens flagged
+    special and "<image>" (the processor makes it special); "<locNNNN>"/"<segNNN>" stay as text. Runs
+    of byte-fallback pieces that are not valid UTF-8 become one U+FFFD *per byte* (HF's ByteFallback),
+    and ids outside the vocabulary are skipped, as HF does.
+  * the prompt is "<image>"*N + "<bos>" + prompt + "\\n" tokenized as one string (the "\\n" is part
+    of the prompt's text, not a separate encode), and a suffix is suffix + "<eos>" (token type 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+from .errors import TokenizerError
+
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
+IMAGE_TOKEN = "<image>"
+LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
+SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
+_HF_NAMED_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # GemmaTokenizer's own special tokens
+_MAX_FILE = 1 << 30  # refuse to read a "tokenizer" over 1 GiB
+
+
+class Tokenizer:
+    """A loaded tokenizer; build it with `Tokenizer.from_dir(model_dir)`."""
+
+    def __init__(self, backend, path: str, added: dict[int, tuple[str, bool]], image_token_id: int | None = None):
+        self._b = backend  # _SentencePiece or _HFTokenizers
+        self.path = path
+        # added tokens (from tokenizer_config.json / added_tokens.json / the caller): id -> (text, special)
+        self._added = dict(added)
+        self._added_ids = {t: i for i, (t, _) in sorted(self._added.items(), reverse=True)}  # first id wins
+        image_id = self.piece_to_id(IMAGE_TOKEN)
+        if image_token_id is not None:
+            image_token_id = int(image_token_id)
+            if image_id is not None and image_id != image_token_id:
+                raise TokenizerError(f"{path}: {IMAGE_TOKEN} is id {image_id} here but the model config says {image_token_id}")
+            if image_id is None:
+                if image_token_id < backend.size and backend.piece(image_token_id) is not None:
+                    raise TokenizerError(f"{path}: image token id {image_token_id} is already the piece "
+                                         f"{backend.piece(image_token_id)!r}, not {IMAGE_TOKEN}")
+                self._added[image_token_id] = (IMAGE_TOKEN, True)
+                self._added_ids[IMAGE_TOKEN] = image_token_id
+                image_id = image_token_id
+        self.image_id: int | None = image_id
+        self.vocab_size: int = max([backend.size] + [i + 1 for i in self._added])
+        self.bos_id = self._named_id("<bos>", backend.bos_id)
+        self.eos_id = self._named_id("<eos>", backend.eos_id)
+        self.pad_id = self._named_id("<pad>", backend.pad_id)
+        if self.bos_id is None or self.eos_id is None:
+            raise TokenizerError(f"{path}: no <bos>/<eos> token; not a Gemma/PaliGemma tokenizer")
+        self.loc_ids = self._ids_of(LOC_TOKENS)
+        self.seg_ids = self._ids_of(SEG_TOKENS)
+        # what decode(skip_special_tokens=True) drops
+        special = set(backend.special_ids) | {i for i, (_, sp) in self._added.items() if sp}
+        special |= {i for i in (self.piece_to_id(t) for t in _HF_NAMED_SPECIAL) if i is not None}
+        if image_id is not None:
+            special.add(image_id)
+        self._special = frozenset(special)
+        # what encode matches in the raw text before the model sees it (HF's added-token split)
+        # (a tokenizer.json's own added tokens are matched by the library, with their own flags)
+        split = {t: i for t, i in self._added_ids.items() if backend.split_added or backend.piece_id(t) is None}
+        split.update(backend.split_tokens)
+        self._split_ids = split
+        alts = sorted(split, key=len, reverse=True)  # longest first = leftmost-longest match
+        self._split_re = re.compile("|".join(re.escape(t) for t in alts)) if alts else None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dir(cls, model_dir, *, image_token_id: int | None = None) -> "Tokenizer":
+        """Load `model_dir/tokenizer.model` (SentencePiece), else `model_dir/tokenizer.json` (HF tokenizers).
+
+        `image_token_id` (the config's `image_token_index`) registers "<image>" when the tokenizer file
+        lacks it (big_vision's tokenizer.model has no "<image>"; HF appends it at id 257152) and is
+        checked against the file when it has one.
+        """
+        model_dir = os.fspath(model_dir)
+        if not os.path.isdir(model_dir):
+            raise TokenizerError(f"{model_dir}: not a directory")
+        sp_path = os.path.join(model_dir, "tokenizer.model")
+        js_path = os.path.join(model_dir, "tokenizer.json")
+        added = _read_added_tokens(model_dir)
+        sp_error = None
+        if os.path.isfile(sp_path):
+            try:
+                return cls(_SentencePiece.load(sp_path), sp_path, added, image_token_id)
+            except TokenizerError as e:
+                if not os.path.isfile(js_path):
+                    raise
+                sp_error = str(e)
+        if os.path.isfile(js_path):
+            try:
+                tok = cls(_HFTokenizers.load(js_path), js_path, added, image_token_id)
+            except TokenizerError as e:
+                raise TokenizerError(f"{sp_error}; {e}" if sp_error else str(e)) from None
+            if sp_error:
+                warnings.warn(f"{sp_error}; using {js_path} instead", stacklevel=2)
+            return tok
+        raise TokenizerError(f"{model_dir}: no tokenizer found (looked for tokenizer.model and tokenizer.json)")
+
+    # ---------------------------------------------------------------- vocabulary
+    def id_to_piece(self, i) -> str:
+        i = int(i)
+        if i in self._added:
+            return self._added[i][0]
+        piece = self._b.piece(i) if 0 <= i < self._b.size else None
+        if piece is None:
+            raise TokenizerError(f"{self.path}: token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return piece
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self._added_ids.get(piece)
+        return i if i is not None else self._b.piece_id(piece)
+
+    def _named_id(self, name, default):
+        i = self.piece_to_id(name)
+        return i if i is not None else default
+
+    def _ids_of(self, names) -> tuple[int, ...]:
+        ids = [self.piece_to_id(t) for t in names]
+        return tuple(ids) if all(i is not None for i in ids) else ()
+
+    # ---------------------------------------------------------------- text <-> ids
+    def encode(self, text) -> list[int]:
+        """Token ids of `text`, without <bos>/<eos>; special tokens written in the text are single ids."""
+        text = _as_text(text, "text")
+        if self._split_re is None:
+            return self._b.encode(text)
+        ids, pos = [], 0
+        for m in self._split_re.finditer(text):
+            if m.start() > pos:
+                ids += self._b.encode(text[pos:m.start()])
+            ids.append(self._split_ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self._b.encode(text[pos:])
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` as HF's `decode`: specials dropped (if asked), <loc>/<seg> kept, unknown ids skipped."""
+        keep = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size or (skip_special_tokens and i in self._special):
+                continue
+            keep.append(i)
+        return self._b.decode(keep, self._added)
+
+
+def build_prompt_ids(tok: Tokenizer, prompt, num_image_tokens: int, suffix=None) -> tuple[list[int], list[int]]:
+    """(input_ids, token_type_ids) as HF's PaliGemmaProcessor (SPEC.md §8).
+
+    input_ids = [<image>]*N + [<bos>] + encode(prompt + "\\n") [+ encode(suffix) + [<eos>]];
+    token_type_ids are 0 for the prefix and 1 for the suffix and its <eos>.
+    """
+    prompt = _as_text(prompt, "prompt")
+    if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 0:
+        raise TokenizerError(f"num_image_tokens must be a non-negative int, got {num_image_tokens!r}")
+    if tok.image_id is None and num_image_tokens:
+        raise TokenizerError(f"{tok.path}: no {IMAGE_TOKEN} token (pass image_token_id= from config.json to Tokenizer.from_dir)")
+    for name, text in (("prompt", prompt), ("suffix", suffix)):
+        k = -1 if text is None or not isinstance(text, str) else text.find(IMAGE_TOKEN)
+        if k >= 0:
+            raise TokenizerError(f"{name} contains {IMAGE_TOKEN} at offset {k}: npvlm adds the image tokens itself")
+    ids = [tok.image_id] * num_image_tokens + [tok.bos_id] + tok.encode(prompt + "\n")
+    types = [0] * len(ids)
+    if suffix is not None:
+        s = tok.encode(_as_text(suffix, "suffix")) + [tok.eos_id]
+        ids += s
+        types += [1] * len(s)
+    return ids, types
+
+
+def _as_text(text, what: str) -> str:
+    """str as is, UTF-8 bytes decoded; anything else, bad bytes or lone surrogates -> TokenizerError."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{what} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{what} is not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at offset {e.start})") from None
+    return text
+
+
+def _hf_byte_fallback_join(pieces) -> str:
+    """Join decoded pieces; `int` items are bytes. A run of bytes that is not UTF-8 gives one U+FFFD per byte."""
+    out, run = [], bytearray()
+    for p in pieces + [""]:
+        if isinstance(p, int):
+            run.append(p)
+            continue
+        if run:
+            try:
+                out.append(run.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append("\ufffd" * len(run))
+            run = bytearray()
+        out.append(p)
+    return "".join(out)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        size = os.path.getsize(path)
+        if size > _MAX_FILE:
+            raise TokenizerError(f"{path}: {size} bytes, too large for a {what}")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
+    if data.startswith(LFS_MAGIC):
+        raise TokenizerError(f"{path}: is a git-LFS pointer, not the {what}; run `git lfs pull` (install git-lfs) in the model folder")
+    if not data:
+        raise TokenizerError(f"{path}: empty file")
+    return data
+
+
+def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
+    """Added tokens HF would read beside the model: tokenizer_config.json's added_tokens_decoder, added_tokens.json."""
+    added = {}
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                d = json.loads(f.read(64 << 20).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(d, dict):
+            raise TokenizerError(f"{path}: expected a JSON object")
+        try:
+            if name == "added_tokens.json":
+                added.update({int(i): (str(t), t == IMAGE_TOKEN) for t, i in d.items()})
+            else:
+                for i, v in (d.get("added_tokens_decoder") or {}).items():
+                    added[int(i)] = (str(v["content"]), bool(v.get("special", False)))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise TokenizerError(f"{path}: malformed added tokens ({e!r})") from None
+    return added
+
+
+# ==================================================================== backends
+class _SentencePiece:
+    """tokenizer.model through the `sentencepiece` library."""
+
+    def __init__(self, sp, path):
+        self.sp, self.path, self.size = sp, path, sp.get_piece_size()
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
+        ctrl = [i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)]
+        self.special_ids = frozenset(ctrl)
+        self.split_tokens = {sp.id_to_piece(i): i for i in ctrl}  # HF matches these in text; SentencePiece does not
+        self.split_added = True  # HF matches tokenizer_config.json's added tokens in text too
+        self._byte = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.size) if sp.is_byte(i)}
+
+    @classmethod
+    def load(cls, path):
+        data = _read_file(path, "SentencePiece model")
+        problem = _modelproto_problem(data)
+        if problem:
+            raise TokenizerError(f"{path}: could not parse ModelProto: {problem}")
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise TokenizerError(f"{path}: the `sentencepiece` package is not installed (pip install sentencepiece)") from None
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=data)
+        except (RuntimeError, OSError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"{path}: not a usable SentencePiece model ({msg})") from None
+        if sp.get_piece_size() == 0:
+            raise TokenizerError(f"{path}: SentencePiece model has no pieces")
+        return cls(sp, path)
+
+    def piece(self, i):
+        return self.sp.id_to_piece(i)
+
+    def piece_id(self, piece):
+        i = self.sp.piece_to_id(piece)
+        return i if 0 <= i < self.size and self.sp.id_to_piece(i) == piece else None
+
+    def encode(self, text):
+        return list(self.sp.encode(text))
+
+    def decode(self, ids, added):
+        parts = []
+        for i in ids:
+            if i in added:
+                parts.append(added[i][0].replace("\u2581", " "))
+            elif i in self._byte:
+                parts.append(self._byte[i])
+            elif i < self.size:
+                parts.append(self.sp.id_to_piece(i).replace("\u2581", " "))
+        return _hf_byte_fallback_join(parts)
+
+
+class _HFTokenizers:
+    """tokenizer.json through the `tokenizers` library."""
+
+    def __init__(self, tk, path):
+        self.tk, self.path = tk, path
+        self.size = tk.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.eos_id = self.pad_id = None  # found by name
+        self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
+        self.split_tokens = {}  # the library matches its added tokens itself
+        self.split_added = False
+
+    @classmethod
+    def load(cls, path):
+        data = _read_file(path, "tokenizer.json")
+        try:
+            text = data.decode("utf-8")
+            json.loads(text)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: not UTF-8 text (byte offset {e.start}), not a tokenizer.json") from None
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        try:
+            from tokenizers import Tokenizer as _TK
+        except ImportError:
+            raise TokenizerError(f"{path}: the `tokenizers` package is not installed (pip install tokenizers)") from None
+        try:
+            tk = _TK.from_str(text)
+        except Exception as e:  # the library raises a bare Exception for a bad layout
+            raise TokenizerError(f"{path}: not an HF tokenizers file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return cls(tk, path)
+
+    def piece(self, i):
+        return self.tk.id_to_token(i)
+
+    def piece_id(self, piece):
+        return self.tk.token_to_id(piece)
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, added):
+        # ids here are already filtered; specials of the file itself are skipped by the library too
+        extra = [i for i in ids if i in added and self.tk.id_to_token(i) is None]
+        if not extra:
+            return self.tk.decode(ids, skip_special_tokens=False)
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i in extra:
+                if run:
+                    out.append(self.tk.decode(run, skip_special_tokens=False))
+                    run = []
+                if i is not None:
+                    out.append(added[i][0])
+            else:
+                run.append(i)
+        return "".join(out)
+
+
+def _modelproto_problem(data: bytes) -> str | None:
+    """Why `data` is not a SentencePiece ModelProto (None if its top-level records look right).
+
+    A ModelProto is a protobuf of length-delimited fields 1 (pieces), 2 (trainer_spec),
+    3 (normalizer_spec), 4 (self_test_data), 5 (denormalizer_spec), written in that order.
+    """
+    if data[:1] == b"{":
+        return "this is JSON (a tokenizer.json renamed?), not a SentencePiece model"
+    head = data[:64]
+    if re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", head):
+        return "this is a tiktoken-style BPE file (lines of 'base64 rank', e.g. Llama 3), not a SentencePiece model"
+    pos, n, seen = 0, len(data), set()
+    while pos < n:
+        start = pos
+        tag, pos = _varint(data, pos)
+        if tag is None:
+            return f"truncated file ({n} bytes): a record header at byte {start} is cut off"
+        field, wire = tag >> 3, tag & 7
+        if wire != 2 or not 1 <= field <= 5:
+            if start == 0:
+                return "not a SentencePiece model (its first bytes are not a ModelProto record)"
+            return f"not a SentencePiece model, or corrupt: unexpected record (field {field}, wire type {wire}) at byte {start}"
+        length, pos = _varint(data, pos)
+        if length is None or pos + length > n:
+            return f"truncated file ({n} bytes): the record at byte {start} runs past the end"
+        pos += length
+        seen.add(field)
+    if 1 not in seen:
+        return "not a SentencePiece model (no pieces)"
+    if 3 not in seen:
+        return f"truncated file ({n} bytes): it ends before the normalizer_spec record"
+    return None
+
+
+def _varint(data: bytes, pos: int):
+    value, shift = 0, 0
+    while pos < len(data) and shift < 64:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    return None, pos

@@ -86,7 +86,7 @@ class PaliGemmaModel:
         masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=self.config)
         out = forward(self.params, batch.ids, batch.positions, masks, cfg=self.config, image_slot=batch.image_slot,
                       feats=feats)
-        return self.backend.to_host(out[0])
+        return self.backend.to_host(out[0, ...])
 
     def generate(self, image, prompt, **kwargs):
         """Generate text for one image + prompt (or lists of them: a batch). See npvlm.generate.generate."""

@@ -1,0 +1,90 @@
+"""npvlm's logits against HF transformers' PaliGemmaForConditionalGeneration on the same files.
+
+Each checkpoint is written by tools/make_checkpoint.py with random weights in the real HF format;
+both sides read it back from disk and see the same image and prompt. Tolerance: max |difference|
+of the float32 logits <= 1e-4 (issue #3), the scale of float32 rounding through a few layers
+where the two sides sum in different orders (BLAS vs torch); logits themselves are O(1..10).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npvlm
+from hf_ref import hf_logits, image, write
+
+TOL = 1e-4
+
+# Differently shaped PaliGemma 1 models: MQA / GQA / MHA, head_dim != hidden / heads, 1-3 layers,
+# 4 / 16 / 64 image tokens, odd widths.
+SHAPES = {
+    "mqa-4tok": dict(hidden=16, heads=2, kv_heads=1, head_dim=8, layers=2, image_size=16, patch_size=8),
+    "gqa-16tok-hd12": dict(hidden=20, heads=4, kv_heads=2, head_dim=12, layers=3, image_size=32, patch_size=8),
+    "mha-64tok-odd": dict(hidden=18, heads=3, kv_heads=3, head_dim=6, layers=1, image_size=64, patch_size=8,
+                          vision_hidden=24, vision_heads=3, vision_intermediate=37, intermediate=45),
+    "mqa-1layer-hd16": dict(hidden=24, heads=2, kv_heads=1, head_dim=16, layers=1, image_size=28, patch_size=14,
+                            vision_layers=1, vision_intermediate=23),
+    "gqa-3layer-16tok": dict(hidden=32, heads=8, kv_heads=2, head_dim=4, layers=3, image_size=48, patch_size=12,
+                             vision_hidden=20, vision_heads=5, vision_layers=3, intermediate=50),
+}
+PROMPTS = [("caption en", None), ("answer en what color is the square?", "blue"), ("detect red circle ; blue square", None)]
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def ckpt(request, tmp_path_factory):
+    return write(tmp_path_factory.mktemp(request.param), seed=len(request.param), **SHAPES[request.param])
+
+
+@pytest.mark.parametrize("prompt,suffix", PROMPTS)
+def test_logits_match_hf(ckpt, prompt, suffix):
+    img = image(3)
+    ours = npvlm.load(ckpt).logits(img, prompt, suffix=suffix)
+    ref = hf_logits(ckpt, img, prompt, suffix)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= TOL, f"max |diff| {np.abs(ours - ref).max():.2e} over logits of scale {np.abs(ref).max():.1f}"
+
+
+def test_logits_on_array_api_strict_equal_numpy(tmp_path):
+    d = write(tmp_path, **SHAPES["gqa-16tok-hd12"])
+    a = npvlm.load(d).logits(image(4), "caption en")
+    b = npvlm.load(d, backend="array_api_strict").logits(image(4), "caption en")
+    assert np.abs(a - b).max() <= 1e-5  # same arithmetic, only the namespace differs
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_match_hf(tmp_path, dtype):
+    # bfloat16/float16 on disk are widened to float32 at load, as HF's from_pretrained(dtype=float32) does
+    d = write(tmp_path, dtype=dtype, **SHAPES["gqa-16tok-hd12"])
+    ours, ref = npvlm.load(d).logits(image(5), "caption en"), hf_logits(d, image(5), "caption en")
+    assert np.abs(ours - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("layout", ["hub", "hub_lm_head", "v5", "v5_memory", "v5_memory_flat"])
+def test_every_naming_scheme_gives_the_same_logits(tmp_path, layout):
+    d = write(tmp_path / layout, layout=layout, **SHAPES["mqa-4tok"])
+    ref = write(tmp_path / "ref", layout="hub", **SHAPES["mqa-4tok"])
+    a, b = npvlm.load(d).logits(image(6), "caption en"), npvlm.load(ref).logits(image(6), "caption en")
+    assert np.array_equal(a, b)  # the same numbers under other names: bit-identical
+    assert np.abs(a - hf_logits(d, image(6), "caption en")).max() <= TOL
+
+
+def test_sharded_checkpoint_matches_single_file_and_hf(tmp_path):
+    single = write(tmp_path / "one", **SHAPES["gqa-16tok-hd12"])
+    sharded = write(tmp_path / "three", shards=3, **SHAPES["gqa-16tok-hd12"])
+    a, b = npvlm.load(single).logits(image(7), "caption en"), npvlm.load(sharded).logits(image(7), "caption en")
+    assert np.array_equal(a, b)
+    assert np.abs(b - hf_logits(sharded, image(7), "caption en")).max() <= TOL
+
+
+def test_float32_weights_are_memory_mapped_not_copied(tmp_path):
+    m = npvlm.load(write(tmp_path, **SHAPES["mqa-4tok"]))
+    w = m.params["language_model"]["model"]["layers"][0]["mlp"]["gate_proj"]["weight"]
+    assert not w.flags.owndata and not w.flags.writeable  # a read-only view of the mapped file
+
+
+def test_logits_need_the_image_token_count_the_model_expects(tmp_path):
+    from npvlm.paligemma import layout_batch
+
+    with pytest.raises(npvlm.GenerationError, match="holds 3 <image> tokens, the model expects 4"):
+        layout_batch([([5, 5, 5, 2, 9], [0] * 5)], pad_id=0, image_id=5, num_image_tokens=4)

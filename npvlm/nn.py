@@ -25,6 +25,7 @@ from array_api_compat import array_namespace
 from .errors import ShapeError
 
 MASK_MIN = -3.4028234663852886e38  # finfo(float32).min: a finite "minus infinity" (no NaN rows)
+SCORE_BUDGET = 1 << 25  # most attention scores held at once (32 Mi floats, 128 MiB): queries go in blocks past it
 
 
 def _expect(ok: bool, layer: str, what: str, got) -> None:
@@ -169,6 +170,11 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     """
     xp = array_namespace(q)
     B, H, T, E = q.shape
+    rows = max(1, SCORE_BUDGET // max(1, B * H * k.shape[2]))
+    if T > rows:  # a long prefill (4k+ tokens at 896px): build the [T, S] scores a block of queries at a time
+        blocks = [attention(q[:, :, i:i + rows, :], k, v, None if mask is None else mask[:, :, i:i + rows, :],
+                            scale=scale, softcap=softcap) for i in range(0, T, rows)]
+        return xp.concat(blocks, axis=2)
     _expect(k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape,
             "attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
     K, S = k.shape[1], k.shape[2]

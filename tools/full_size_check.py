@@ -1,0 +1,140 @@
+"""Full-size check (a tool, not CI): a random checkpoint with the real shapes, npvlm against HF.
+
+    python tools/full_size_check.py --preset pg1-3b-224                 # PaliGemma 3B, float32, vs HF (<= 1e-3)
+    python tools/full_size_check.py --preset pg2-3b-448 --dtype bfloat16 --skip-hf   # PG2 at 448: first token
+
+The two sides run one after the other, each in its own process (both at once do not fit in
+24 GB), on the same token ids and pixels; each reports its own peak RSS. The random weights
+carry no tokenizer, so the prompt is given as ids: <image>*N <bos> 8 text ids "\\n".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(TOOLS))
+
+
+def inputs(cfg):
+    """Token ids, token types and pixels shared by both sides."""
+    n = cfg.num_image_tokens
+    V, img = cfg.text.vocab_size, cfg.image_token_index
+    text = [t % V if t % V != img else 7 for t in (6006, 603, 573, 13910, 9980, 235336, 1000, 2000, 108)]
+    ids = [img] * n + [2] + text
+    S = cfg.vision.image_size
+    pix = np.random.default_rng(0).uniform(-1, 1, (1, 3, S, S)).astype(np.float32)
+    return ids, [0] * len(ids), pix
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_npvlm(d, out, last_only):
+    from npvlm.backends import get_backend
+    from npvlm.config import PaliGemmaConfig
+    from npvlm.paligemma import forward, image_features, layout_batch, prefix_lm_masks
+    from npvlm.weights import load_weights, unflatten
+
+    t0 = time.perf_counter()
+    cfg = PaliGemmaConfig.from_dir(d)
+    be = get_backend("numpy")
+    params = unflatten({k: be.asarray(v) for k, v in load_weights(d, cfg).items()})
+    t1 = time.perf_counter()
+    ids, types, pix = inputs(cfg)
+    host = layout_batch([(ids, types)], pad_id=0, image_id=cfg.image_token_index, num_image_tokens=cfg.num_image_tokens)
+    xp = be.xp
+    A = lambda k, dt: xp.asarray(host[k], dtype=dt)  # noqa: E731
+    feats = image_features(be.asarray(pix), params, cfg=cfg)
+    t2 = time.perf_counter()
+    masks = prefix_lm_masks(A("valid", xp.bool), A("prefix", xp.bool), 0, cfg=cfg)
+    logits = forward(params, A("ids", xp.int64), A("positions", xp.int64), masks, cfg=cfg,
+                     image_slot=A("image_slot", xp.int64), feats=feats, last_only=last_only)
+    t3 = time.perf_counter()
+    np.save(out, be.to_host(logits)[0])
+    return {"side": "npvlm", "load_s": t1 - t0, "image_s": t2 - t1, "first_token_s": t3 - t1, "tokens": len(ids),
+            "next_token": int(np.argmax(be.to_host(logits)[0, -1])), "peak_rss_mib": peak_rss_mib()}
+
+
+def run_hf(d, out, last_only):
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from npvlm.config import PaliGemmaConfig
+
+    t0 = time.perf_counter()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    t1 = time.perf_counter()
+    ids, types, pix = inputs(PaliGemmaConfig.from_dir(d))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pix),
+                       token_type_ids=torch.tensor([types]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       logits_to_keep=1 if last_only else 0).logits[0].numpy()
+    t2 = time.perf_counter()
+    np.save(out, logits)
+    return {"side": "hf", "load_s": t1 - t0, "first_token_s": t2 - t1, "tokens": len(ids),
+            "next_token": int(np.argmax(logits[-1])), "peak_rss_mib": peak_rss_mib()}
+
+
+def side(which, d, out, last_only):
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", which, "--dir", d, "--out", out]
+    cmd += ["--last-only"] if last_only else []
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{which} failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(json.dumps(res))
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="pg1-3b-224")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dir", help="checkpoint folder (written if it holds no config.json)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--last-only", action="store_true", help="compare the last position's logits only")
+    ap.add_argument("--side", choices=["npvlm", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write the summary here")
+    a = ap.parse_args(argv)
+    if a.side:
+        print(json.dumps((run_npvlm if a.side == "npvlm" else run_hf)(a.dir, a.out, a.last_only)))
+        return
+    d = a.dir or os.path.join(tempfile.gettempdir(), f"npvlm-{a.preset}-{a.dtype}")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        from make_checkpoint import make_checkpoint
+
+        t = time.perf_counter()
+        make_checkpoint(d, a.preset, dtype=a.dtype, tokenizer=False)
+        print(f"wrote {d} in {time.perf_counter() - t:.0f} s")
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    summary = {"preset": a.preset, "dtype": a.dtype, "checkpoint_mib": size / 2**20}
+    summary["npvlm"] = side("npvlm", d, os.path.join(d, "npvlm_logits.npy"), a.last_only)
+    if not a.skip_hf:
+        summary["hf"] = side("hf", d, os.path.join(d, "hf_logits.npy"), a.last_only)
+        ours, ref = np.load(os.path.join(d, "npvlm_logits.npy")), np.load(os.path.join(d, "hf_logits.npy"))
+        summary["max_abs_diff"] = float(np.abs(ours - ref).max())
+        summary["logit_scale"] = float(np.abs(ref).max())
+    print(f"checkpoint {size / 2**30:.2f} GiB on disk; npvlm peak RSS {summary['npvlm']['peak_rss_mib'] / 1024:.2f} GiB, "
+          f"first token {summary['npvlm']['first_token_s']:.1f} s"
+          + (f"; HF peak RSS {summary['hf']['peak_rss_mib'] / 1024:.2f} GiB, first token {summary['hf']['first_token_s']:.1f} s; "
+             f"max |logit diff| {summary['max_abs_diff']:.2e}" if "hf" in summary else ""))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

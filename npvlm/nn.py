@@ -64,7 +64,9 @@ def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B,
     _expect(pixels.ndim == 4 and weight.ndim == 4 and pixels.shape[1] == weight.shape[1], "patch_embed",
             f"pixels [B, {weight.shape[1]}, S, S]", tuple(pixels.shape))
     B, C, Hs, Ws = pixels.shape
-    D, _, P, _ = weight.shape
+    D, _, P, P2 = weight.shape
+    _expect(P == P2 and tuple(bias.shape) == (D,), "patch_embed", f"a square kernel [D, C, P, P] and bias [{D}]",
+            (tuple(weight.shape), tuple(bias.shape)))
     _expect(Hs % P == 0 and Ws % P == 0, "patch_embed", f"an image side divisible by the patch size {P}", (Hs, Ws))
     gh, gw = Hs // P, Ws // P
     x = xp.reshape(pixels, (B, C, gh, P, gw, P))
@@ -77,7 +79,8 @@ def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B,
 
 def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]
     xp = array_namespace(x)
-    _expect(x.shape[-1] == weight.shape[-1], "layer_norm", f"x[..., {weight.shape[-1]}]", tuple(x.shape))
+    _expect(weight.ndim == 1 and tuple(bias.shape) == tuple(weight.shape) and x.shape[-1] == weight.shape[0], "layer_norm",
+            f"x[..., D], weight [D], bias [D] with D = {weight.shape[-1]}", (tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
     h = xp.astype(x, xp.float32)
     mu = xp.mean(h, axis=-1, keepdims=True)
     var = xp.mean((h - mu) ** 2, axis=-1, keepdims=True)  # biased, as the paper and torch
@@ -104,6 +107,8 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, mo
     xp = array_namespace(x)
     C = weight.shape[0]
     _expect(x.ndim >= 2 and x.shape[1] == C, "batch_norm", f"x[B, {C}, ...]", tuple(x.shape))
+    for name, a in (("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _expect(tuple(a.shape) == (C,), "batch_norm", f"{name} of shape ({C},)", tuple(a.shape))
     axes = tuple(i for i in range(x.ndim) if i != 1)
     shape = (1, C) + (1,) * (x.ndim - 2)  # broadcast per channel
     if training:
@@ -131,7 +136,8 @@ def softmax(x, axis=-1):  # [...] -> [...], float32, max-subtracted so exp never
 def rope_angles(positions, head_dim, theta=10000.0):  # [B, T] int -> cos, sin [B, T, E] float32
     """RoPE in the split-half ("NeoX", rotate_half) convention, angles in float32 as HF computes them."""
     xp = array_namespace(positions)
-    inv_freq = 1.0 / (theta ** (xp.astype(xp.arange(0, head_dim, 2), xp.float32) / head_dim))  # [E/2]
+    exponent = xp.astype(xp.arange(0, head_dim, 2), xp.float32) / head_dim  # [E/2], float32 as in HF
+    inv_freq = 1.0 / xp.astype(theta ** xp.astype(exponent, xp.float64), xp.float32)  # pow rounded once, as torch's
     ang = xp.astype(positions, xp.float32)[..., None] * inv_freq  # [B, T, E/2]
     ang = xp.concat([ang, ang], axis=-1)  # [B, T, E]
     return xp.cos(ang), xp.sin(ang)
@@ -139,8 +145,9 @@ def rope_angles(positions, head_dim, theta=10000.0):  # [B, T] int -> cos, sin [
 
 def rope(x, cos, sin):  # [B, H, T, E], [B, T, E], [B, T, E] -> [B, H, T, E]
     xp = array_namespace(x)
-    _expect(x.ndim == 4 and x.shape[-1] == cos.shape[-1] and x.shape[2] == cos.shape[1], "rope",
-            f"x[B, H, {cos.shape[1]}, {cos.shape[-1]}]", tuple(x.shape))
+    _expect(x.ndim == 4 and cos.ndim == 3 and tuple(cos.shape) == tuple(sin.shape) and cos.shape[0] in (1, x.shape[0])
+            and x.shape[2:] == cos.shape[1:] and x.shape[-1] % 2 == 0, "rope",
+            "x [B, H, T, E] with cos and sin [B | 1, T, E], E even", (tuple(x.shape), tuple(cos.shape), tuple(sin.shape)))
     half = x.shape[-1] // 2
     rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
     cos, sin = xp.astype(cos[:, None, ...], x.dtype), xp.astype(sin[:, None, ...], x.dtype)
@@ -169,11 +176,13 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
     """
     xp = array_namespace(q)
+    _expect(q.ndim == 4, "attention", "q [B, H, T, E]", tuple(q.shape))
     B, H, T, E = q.shape
     rows = max(1, SCORE_BUDGET // max(1, B * H * k.shape[2]))
     if T > rows:  # a long prefill (4k+ tokens at 896px): build the [T, S] scores a block of queries at a time
-        blocks = [attention(q[:, :, i:i + rows, :], k, v, None if mask is None else mask[:, :, i:i + rows, :],
-                            scale=scale, softcap=softcap) for i in range(0, T, rows)]
+        cuts = [(i, min(i + rows, T)) for i in range(0, T, rows)]
+        blocks = [attention(q[:, :, a:b, :], k, v, None if mask is None else mask[:, :, a:b, :], scale=scale,
+                            softcap=softcap) for a, b in cuts]
         return xp.concat(blocks, axis=2)
     _expect(k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape,
             "attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
@@ -186,7 +195,8 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
         s = softcap * xp.tanh(s / softcap)
     s = xp.reshape(s, (B, K, G, T, S))
     if mask is not None:
-        _expect(mask.ndim == 4 and mask.shape[-2:] == (T, S), "attention", f"mask [B, 1, {T}, {S}]", tuple(mask.shape))
+        _expect(mask.ndim == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[-2:] == (T, S),
+                "attention", f"mask [{B} | 1, 1, {T}, {S}]", tuple(mask.shape))
         s = s + mask[:, :, None, :, :]  # [B, 1, 1, T, S]
     p = xp.astype(softmax(s, axis=-1), v.dtype)
     o = xp.reshape(p, (B, K, G * T, S)) @ v  # [B, K, G*T, E]

@@ -133,3 +133,8 @@ def assert_close(ns: Namespace, got, want, *, rtol: float, atol: float, dtype=np
     assert g.dtype == dtype, f"dtype: expected {np.dtype(dtype)}, got {g.dtype}"
     assert g.shape == w.shape, f"shape: expected {w.shape}, got {g.shape}"
     np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+# Backend names for the end-to-end tests (a whole model loaded on each); cupy as above.
+MODEL_BACKENDS = [pytest.param(p.id, id=p.id, marks=p.marks) for p in NAMESPACES]
+each_backend = pytest.mark.parametrize("backend", MODEL_BACKENDS)

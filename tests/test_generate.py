@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import npvlm
+from namespaces import each_backend
 from hf_ref import hf_generate, image, write
 from npvlm.generate import GenerationResult, sample
 
@@ -23,7 +24,7 @@ def ckpt(tmp_path_factory):
     return write(tmp_path_factory.mktemp("gen"), seed=11, **SHAPE)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "array_api_strict"])
+@each_backend
 def test_greedy_32_tokens_equal_hf_one_at_a_time(ckpt, backend):
     model = npvlm.load(ckpt, backend=backend)
     for i, prompt in enumerate(PROMPTS[:2] if backend != "numpy" else PROMPTS):
@@ -33,7 +34,7 @@ def test_greedy_32_tokens_equal_hf_one_at_a_time(ckpt, backend):
         assert out.token_ids == ref[0], prompt
 
 
-@pytest.mark.parametrize("backend", ["numpy", "array_api_strict"])
+@each_backend
 def test_greedy_batch_with_left_padding_equals_hf_and_single_runs(ckpt, backend):
     model = npvlm.load(ckpt, backend=backend)
     imgs = [image(i) for i in range(len(PROMPTS))]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import npvlm
+from namespaces import each_backend
 from hf_ref import hf_generate, hf_logits, image, write
 
 G2 = dict(model_type="gemma2", attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
@@ -44,7 +45,7 @@ def test_logits_match_hf(ckpt, prompt, suffix):
     assert np.abs(ours - ref).max() <= TOL, f"{np.abs(ours - ref).max():.2e}"
 
 
-@pytest.mark.parametrize("backend", ["numpy", "array_api_strict"])
+@each_backend
 def test_greedy_32_tokens_equal_hf(ckpt, backend):
     model = npvlm.load(ckpt, backend=backend)
     prompts = ["caption en", "detect red circle"]

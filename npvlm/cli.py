@@ -15,8 +15,9 @@ import json
 import os
 import sys
 import time
+import warnings
 
-from .errors import NpvlmError
+from .errors import ImageError, NpvlmError, TokenizerError
 
 
 def _progress_printer(stream=sys.stderr, min_bytes=64 << 20):
@@ -41,11 +42,28 @@ def _progress_printer(stream=sys.stderr, min_bytes=64 << 20):
     return progress
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"npvlm: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def _add_model_args(p):
     p.add_argument("--model", "-m", metavar="DIR", default=None,
                    help="HF PaliGemma model folder (config.json, *.safetensors, tokenizer); default: the embedded shapes model")
     p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (CUDA GPU); default numpy")
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads on the CPU (default: the library's own)")
+    p.add_argument("--threads", type=_threads, default=None, help="BLAS threads on the CPU (default: the library's own)")
 
 
 def _add_sampling_args(p):
@@ -57,7 +75,7 @@ def _add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
+    ap = _Parser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for an image and a prompt")
@@ -80,10 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"npvlm: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's warning display on the way out
+            warnings.showwarning = _warn_one_line
+            return {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}[args.command](args)
     except NpvlmError as e:
         print(f"npvlm: error: {e}", file=sys.stderr)
         return 2
@@ -100,24 +124,64 @@ def _load(args):
     from .backends import get_backend
 
     backend = get_backend(args.backend)
-    if args.threads:
+    if args.threads is not None:
         backend.set_threads(args.threads)
     return load(args.model, backend=backend, progress=_progress_printer())
 
 
+def _argv_text(text: str, flag: str) -> str:
+    """A command-line string as UTF-8 text. Python decodes argv with surrogateescape, so bytes that are not
+    UTF-8 arrive as lone surrogates: turn them back into bytes and say which one, at which byte offset."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{flag} is not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at offset {e.start})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{flag} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _check_output(path: str, flag: str) -> None:
+    """Refuse an image output path that cannot be written, before any work is done."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: {flag} names a directory, not an image file")
+    if not os.path.isdir(folder):
+        raise ImageError(f"{path}: {flag}: the folder {folder} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise ImageError(f"{path}: {flag}: unknown image file extension {ext or '(none)'!r}; use .png or .jpg")
+    if not os.access(folder, os.W_OK):
+        raise ImageError(f"{path}: {flag}: the folder {folder} is not writable")
+
+
 def cmd_generate(args) -> int:
     from .generate import check_params
+    from .processor import load_image
 
-    check_params(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)  # fail before loading
+    # everything that can be checked without the model is checked before loading it (which may take minutes)
+    check_params(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    prompt = _argv_text(args.prompt, "--prompt")
+    if args.draw:
+        _check_output(args.draw, "--draw")
+    image = load_image(args.image, exif=not args.no_exif)  # decoded, upright RGB
     model = _load(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, exif=not args.no_exif)
+              seed=args.seed, exif=False)  # EXIF already applied
     if args.json:
-        res = model.generate(args.image, args.prompt, **kw)
+        res = model.generate(image, prompt, **kw)
         print(json.dumps(_result_json(res), ensure_ascii=False))
     else:
         res = None
-        for piece in model.stream(args.image, args.prompt, **kw):
+        for piece in model.stream(image, prompt, **kw):
             if isinstance(piece, str):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -126,7 +190,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     if args.draw:
-        _draw(args.image, res, args.draw, exif=not args.no_exif)
+        _draw(image, res, args.draw)
     print(format_stats(res.stats, model), file=sys.stderr)
     return 0
 
@@ -138,15 +202,14 @@ def _result_json(res):
             "stats": {k: v for k, v in res.stats.items() if k != "image_sizes"}}
 
 
-def _draw(image, res, out, exif=True):
+def _draw(image, res, out):
     from .postprocess import draw_detections
-    from .processor import load_image
 
-    img = draw_detections(load_image(image, exif=exif), res.detections)
+    img = draw_detections(image, res.detections)
     try:
         img.save(out)
     except (OSError, ValueError) as e:
-        raise NpvlmError(f"{out}: cannot write the drawn image ({e})") from None
+        raise ImageError(f"{out}: cannot write the drawn image ({e})") from None
     print(f"drew {len(res.detections)} box(es) into {out}", file=sys.stderr)
 
 
@@ -189,6 +252,8 @@ def cmd_demo(args) -> int:
     from .postprocess import draw_detections
     from .shapes import make_scene
 
+    if args.out:
+        _check_output(args.out, "--out")
     model = _load(args)
     scene = make_scene(args.seed)
     img = scene.image
@@ -203,7 +268,7 @@ def cmd_demo(args) -> int:
     try:
         draw_detections(img, dets).save(out)
     except (OSError, ValueError) as e:
-        raise NpvlmError(f"{out}: cannot write the demo image ({e})") from None
+        raise ImageError(f"{out}: cannot write the demo image ({e})") from None
     print(f"boxes drawn: {out}")
     print(f"{len(prompts)} prompts in {time.perf_counter() - t0:.2f} s; last: " + format_stats(res.stats, model),
           file=sys.stderr)

@@ -13,6 +13,7 @@ N image tokens (patches), P patch size, S image side.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -106,7 +107,8 @@ class PaliGemmaConfig:
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ConfigError(f"{where}: model_type {_q(mt)} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        _check_numbers(d, "", where)
         try:
             vision = _vision_from_hf(d.get("vision_config"), where)
             text = _text_from_hf(d.get("text_config"), where)
@@ -125,7 +127,7 @@ class PaliGemmaConfig:
                 pad_token_id=int(d.get("pad_token_id", tc.get("pad_token_id", 0)) or 0),
                 dtype=str(d.get("dtype", d.get("torch_dtype", tc.get("dtype", tc.get("torch_dtype", "float32"))))),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"{where}: malformed value ({e})") from None
         cfg.validate(where)
         return cfg
@@ -147,6 +149,8 @@ class PaliGemmaConfig:
             raise ConfigError(f"{path}: not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, 100k nested brackets
+            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         return cls.from_hf(d, where=path)
@@ -165,7 +169,7 @@ class PaliGemmaConfig:
                           ("text_config.intermediate_size", t.intermediate_size), ("text_config.num_hidden_layers", t.num_hidden_layers),
                           ("text_config.num_attention_heads", t.num_attention_heads), ("text_config.num_key_value_heads", t.num_key_value_heads),
                           ("text_config.head_dim", t.head_dim), ("text_config.max_position_embeddings", t.max_position_embeddings)]:
-            need(isinstance(val, int) and 0 < val <= 1 << 24, f"{name} must be a positive integer, got {val!r}")
+            need(isinstance(val, int) and 0 < val <= 1 << 24, f"{name} must be a positive integer, got {_q(val)}")
         need(v.num_channels == 3, f"vision_config.num_channels must be 3 (RGB), got {v.num_channels}")
         need(v.image_size % v.patch_size == 0, f"vision_config.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         need(v.hidden_size % v.num_attention_heads == 0,
@@ -173,6 +177,12 @@ class PaliGemmaConfig:
         need(t.num_attention_heads % t.num_key_value_heads == 0,
              f"text_config.num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}")
         need(t.head_dim % 2 == 0, f"text_config.head_dim must be even for RoPE, got {t.head_dim}")
+        need(v.layer_norm_eps >= 0, f"vision_config.layer_norm_eps must be >= 0, got {v.layer_norm_eps}")
+        need(t.rms_norm_eps >= 0, f"text_config.rms_norm_eps must be >= 0, got {t.rms_norm_eps}")
+        need(t.rope_theta > 0, f"text_config.rope_theta must be > 0, got {t.rope_theta}")
+        for name, tid in [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)] + [
+                ("eos_token_id", e) for e in self.eos_token_ids]:
+            need(0 <= tid < t.vocab_size, f"{name} {tid} is outside the vocabulary (text_config.vocab_size {t.vocab_size})")
         need(self.projection_dim == t.hidden_size,
              f"projection_dim {self.projection_dim} must equal text_config.hidden_size {t.hidden_size}")
         need(0 <= self.image_token_index < t.vocab_size,
@@ -185,7 +195,10 @@ class PaliGemmaConfig:
             need(len(t.layer_types) == t.num_hidden_layers,
                  f"text_config.layer_types has {len(t.layer_types)} entries for {t.num_hidden_layers} layers")
             need(all(x in ("full_attention", "sliding_attention") for x in t.layer_types),
-                 f"text_config.layer_types must hold 'full_attention' / 'sliding_attention', got {list(t.layer_types)}")
+                 f"text_config.layer_types must hold 'full_attention' / 'sliding_attention', got {_q(list(t.layer_types))}")
+            need(t.query_pre_attn_scalar > 0, f"text_config.query_pre_attn_scalar must be > 0, got {t.query_pre_attn_scalar}")
+            need(t.sliding_window is None or t.sliding_window >= 1,
+                 f"text_config.sliding_window must be a positive integer or null, got {t.sliding_window}")
 
 
 def _vision_from_hf(vc, where) -> VisionConfig:
@@ -196,7 +209,8 @@ def _vision_from_hf(vc, where) -> VisionConfig:
         raise ConfigError(f"{where}: vision_config must be an object")
     mt = vc.get("model_type", "siglip_vision_model")
     if mt not in SUPPORTED_VISION_TYPES:
-        raise ConfigError(f"{where}: vision_config.model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_VISION_TYPES)})")
+        raise ConfigError(f"{where}: vision_config.model_type {_q(mt)} is not supported (supported: {', '.join(SUPPORTED_VISION_TYPES)})")
+    _check_numbers(vc, "vision_config", where)
     d = VisionConfig()
     return VisionConfig(
         hidden_size=int(vc.get("hidden_size", d.hidden_size)),
@@ -230,10 +244,20 @@ def _text_from_hf(tc, where) -> TextConfig:
         raise ConfigError(f"{where}: text_config must be an object")
     mt = tc.get("model_type", "gemma")
     if mt not in SUPPORTED_TEXT_TYPES:
-        raise ConfigError(f"{where}: text_config.model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})")
+        raise ConfigError(f"{where}: text_config.model_type {_q(mt)} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})")
+    _check_numbers(tc, "text_config", where)
     g = dict(_TEXT_DEFAULTS[mt])
     g.update({k: tc[k] for k in tc if k in g or k in ("rms_norm_eps", "max_position_embeddings")})
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5 / 4 names; only plain RoPE is implemented
+        r = tc.get(key) or {}
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where}: text_config.{key} must be an object, got {_q(r)}")
+        kind = r.get("rope_type") or r.get("type") or "default"
+        if kind != "default":
+            raise ConfigError(f"{where}: text_config.{key}.rope_type {_q(kind)} is not supported (supported: default)")
     rope = tc.get("rope_parameters") or {}
+    if "rope_theta" in rope and _bad_number(rope["rope_theta"], integer=False):
+        raise ConfigError(f"{where}: text_config.rope_parameters.rope_theta must be a finite number, got {_q(rope['rope_theta'])}")
     theta = tc.get("rope_theta", rope.get("rope_theta", 10000.0))
     act = tc.get("hidden_activation") or tc.get("hidden_act") or "gelu_pytorch_tanh"
     n_layers = int(g["num_hidden_layers"])
@@ -241,6 +265,8 @@ def _text_from_hf(tc, where) -> TextConfig:
     layer_types = ()
     if gemma2:
         lt = tc.get("layer_types")
+        if lt is not None and not isinstance(lt, list):
+            raise ConfigError(f"{where}: text_config.layer_types must be a list, got {_q(lt)}")
         # HF Gemma 2: even layers (0, 2, ...) use the sliding window, odd layers attend globally
         layer_types = tuple(lt) if lt else tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
     none_if_zero = lambda x: None if x in (None, 0, 0.0) else float(x)  # noqa: E731
@@ -252,7 +278,7 @@ def _text_from_hf(tc, where) -> TextConfig:
         num_hidden_layers=n_layers,
         num_attention_heads=int(g["num_attention_heads"]),
         num_key_value_heads=int(g["num_key_value_heads"]),
-        head_dim=int(g["head_dim"] if g.get("head_dim") is not None else int(g["hidden_size"]) // int(g["num_attention_heads"])),
+        head_dim=int(g["head_dim"] if g.get("head_dim") is not None else _div(g["hidden_size"], g["num_attention_heads"])),
         rms_norm_eps=float(g.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         max_position_embeddings=int(g.get("max_position_embeddings", 8192)),
@@ -263,3 +289,58 @@ def _text_from_hf(tc, where) -> TextConfig:
         sliding_window=int(g["sliding_window"]) if gemma2 and g.get("sliding_window") else None,
         layer_types=layer_types,
     )
+
+
+def _div(a, b) -> int:  # hidden_size // num_attention_heads; 0 (refused by validate) where heads <= 0
+    return int(a) // int(b) if int(b) > 0 else 0
+
+
+# Keys read as numbers, per section ("" = top level). None is allowed where HF reads null as "default" / "off".
+_INT_KEYS = {
+    "": ("image_token_index", "image_token_id", "projection_dim", "bos_token_id", "pad_token_id"),
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                      "image_size", "patch_size"),
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "bos_token_id",
+                    "pad_token_id"),
+}
+_FLOAT_KEYS = {
+    "": (),
+    "vision_config": ("layer_norm_eps",),
+    "text_config": ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
+}
+_NULLABLE = ("head_dim", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping", "pad_token_id")
+
+
+def _bad_number(v, integer: bool) -> bool:
+    """Not a JSON number (bools and strings are not), not finite, or (for an integer key) not a whole number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return True
+    if isinstance(v, int):  # no size or token id is near 2**63; a float() of over 1e308 overflows
+        return abs(v) > (1 << 63 if integer else 1e308)
+    return not math.isfinite(v) or (integer and not v.is_integer())
+
+
+def _check_numbers(d: dict, section: str, where: str) -> None:
+    """The numeric keys of one section of config.json hold numbers; the error names the key and the value."""
+    prefix = f"{section}." if section else ""
+    for key in _INT_KEYS[section] + _FLOAT_KEYS[section]:
+        if key not in d or (d[key] is None and key in _NULLABLE):
+            continue
+        integer = key in _INT_KEYS[section]
+        if _bad_number(d[key], integer):
+            kind = "an integer" if integer else "a finite number"
+            raise ConfigError(f"{where}: {prefix}{key} must be {kind}, got {_q(d[key])}")
+    if section != "vision_config" and "eos_token_id" in d:
+        eos = d["eos_token_id"]
+        if any(_bad_number(e, integer=True) for e in (eos if isinstance(eos, list) else [eos])):
+            raise ConfigError(f"{where}: {prefix}eos_token_id must be an integer or a list of integers, got {_q(eos)}")
+
+
+def _q(v, limit: int = 60) -> str:
+    """repr() of a value from the file, cut short so that messages stay one line."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        r = f"<{type(v).__name__} too long to print>"
+    return r if len(r) <= limit else r[: limit - 4] + "..." + r[-1]

@@ -11,6 +11,7 @@ token. Sampling (temperature, top-k, top-p) reads the last logits back and draws
 from __future__ import annotations
 
 import math
+import numbers
 import resource
 import sys
 import time
@@ -40,17 +41,39 @@ class GenerationResult:
         return parse_detections(self.text, *self.image_size)
 
 
+def _show(x) -> str:  # a value for a message: never huge, never failing
+    try:
+        r = repr(x)
+    except ValueError:  # ints over 4300 digits refuse repr()
+        return f"<{type(x).__name__} too large to print>"
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def check_params(max_new_tokens, temperature, top_p, top_k, seed):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise GenerationError(f"seed must be a non-negative integer, got {seed!r}")
+    """Refuse bad generation parameters with a GenerationError naming the parameter and the value."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {_show(max_new_tokens)}")
+    if not _is_real(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be a finite number >= 0, got {_show(temperature)}")
+    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {_show(top_p)}")
+    if not _is_int(top_k) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {_show(top_k)}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise GenerationError(f"seed must be a non-negative integer, got {_show(seed)}")
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
@@ -145,13 +168,24 @@ def _finish(model, ids, stats, prompt, size):
     return GenerationResult(model.tokenizer.decode(ids), ids, reason, prompt=prompt, image_size=size, stats=stats)
 
 
+def _as_batch(image, prompt):
+    """(images, prompts, batched): a batch only when both are lists (or tuples) of the same length."""
+    many = lambda x: isinstance(x, (list, tuple))  # noqa: E731
+    if not many(prompt):
+        if many(image):
+            raise GenerationError(f"{len(image)} images for 1 prompt: give a list of prompts, one per image")
+        return [image], [prompt], False
+    images = list(image) if many(image) else [image]
+    if len(images) != len(prompt):
+        raise GenerationError(f"{len(images)} images for {len(prompt)} prompts: give one image per prompt")
+    if not prompt:
+        raise GenerationError("no prompts: a batch needs at least one image and prompt")
+    return images, list(prompt), True
+
+
 def generate(model, image, prompt, **kw):
     """One image + prompt -> GenerationResult; lists of images and prompts -> a list (left-padded batch)."""
-    batched = isinstance(prompt, (list, tuple))
-    images = list(image) if batched else [image]
-    prompts = list(prompt) if batched else [prompt]
-    if len(images) != len(prompts):
-        raise GenerationError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
+    images, prompts, batched = _as_batch(image, prompt)
     stats = {}
     rows = [[] for _ in prompts]
     for step in decode_steps(model, images, prompts, stats=stats, **kw):
@@ -163,7 +197,15 @@ def generate(model, image, prompt, **kw):
 
 
 def stream(model, image, prompt, **kw):
-    """Yield text pieces as tokens arrive, then the GenerationResult as the last item."""
+    """Yield text pieces as tokens arrive, then the GenerationResult as the last item.
+
+    The parameters are checked at the call, before the first item is asked for."""
+    check_params(*(kw.get(k, d) for k, d in (("max_new_tokens", 32), ("temperature", 0.0), ("top_p", 1.0), ("top_k", 0),
+                                             ("seed", None))))
+    return _stream(model, image, prompt, **kw)
+
+
+def _stream(model, image, prompt, **kw):
     stats, row, ids, shown = {}, [], [], ""
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_id}
     for (tok,) in decode_steps(model, [image], [prompt], stats=stats, **kw):

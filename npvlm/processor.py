@@ -101,8 +101,8 @@ class ImageProcessorConfig:
         try:
             with open(path, "rb") as f:
                 d = json.loads(f.read(1 << 20).decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 / JSON, 5000-digit numbers
+            raise ConfigError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         try:
@@ -122,8 +122,10 @@ class ImageProcessorConfig:
             resample = int(d.get("resample", BICUBIC))
         except ImageError as e:
             raise ConfigError(f"{path}: {e}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"{path}: malformed value ({e})") from None
+        if not np.all(np.isfinite([*mean, *std, rescale])):
+            raise ConfigError(f"{path}: image_mean, image_std and rescale_factor must be finite, got {list(mean)}, {list(std)}, {rescale}")
         if any(s == 0 for s in std):
             raise ConfigError(f"{path}: image_std must be non-zero, got {list(std)}")
         if resample not in (0, 1, 2, 3, 4, 5):

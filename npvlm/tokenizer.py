@@ -243,8 +243,8 @@ def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
         try:
             with open(path, "rb") as f:
                 d = json.loads(f.read(64 << 20).decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path}: not a readable JSON file ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 / JSON, 5000-digit numbers
+            raise TokenizerError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise TokenizerError(f"{path}: expected a JSON object")
         try:
@@ -335,6 +335,8 @@ class _HFTokenizers:
             raise TokenizerError(f"{path}: not UTF-8 text (byte offset {e.start}), not a tokenizer.json") from None
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, 100k nested brackets
+            raise TokenizerError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
         try:
             from tokenizers import Tokenizer as _TK
         except ImportError:

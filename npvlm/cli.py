@@ -258,7 +258,7 @@ def cmd_demo(args) -> int:
     scene = make_scene(args.seed)
     img = scene.image
     print(f"scene {args.seed}: {len(scene.shapes)} shape(s); truth: {scene.caption}")
-    prompts = ["caption en", "answer en how many shapes?"] + [f"detect {s.name}" for s in scene.shapes]
+    prompts = ["caption en", "answer en how many shapes?"] + list(dict.fromkeys(f"detect {s.name}" for s in scene.shapes))
     dets, t0 = [], time.perf_counter()
     for p in prompts:
         res = model.generate(img, p, max_new_tokens=32)

@@ -99,8 +99,10 @@ def check_length(model, prompt_tokens: int, max_new_tokens: int):
     limit = model.config.text.max_position_embeddings
     if prompt_tokens + max_new_tokens > limit:
         n = model.config.num_image_tokens
-        raise GenerationError(f"prompt of {prompt_tokens} tokens ({n} image + {prompt_tokens - n} text) plus max_new_tokens "
-                              f"{max_new_tokens} = {prompt_tokens + max_new_tokens} exceeds the model's {limit} positions")
+        what = f"prompt of {prompt_tokens} tokens ({n} image + {prompt_tokens - n} text)"
+        if max_new_tokens:
+            what += f" plus max_new_tokens {max_new_tokens} = {prompt_tokens + max_new_tokens}"
+        raise GenerationError(f"{what} exceeds the model's {limit} positions")
 
 
 def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,

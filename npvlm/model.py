@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .backends import get_backend
 from .config import PaliGemmaConfig
 from .errors import ConfigError, GenerationError
+from .generate import check_length
 from .paligemma import forward, image_features, layout_batch, prefix_lm_masks
 from .processor import image_settings, load_image, preprocess
 from .tokenizer import Tokenizer, build_prompt_ids
@@ -82,6 +83,7 @@ class PaliGemmaModel:
     def logits(self, image, prompt: str, suffix: str | None = None, *, exif=True):
         """Logits over the whole sequence `<image>*N <bos> prompt "\\n" [suffix <eos>]`: host float32 [L, V]."""
         batch = self.prepare([self.prompt_ids(prompt, suffix)])
+        check_length(self, batch.ids.shape[1], 0)
         feats = self.encode_images([image], exif=exif)
         masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=self.config)
         out = forward(self.params, batch.ids, batch.positions, masks, cfg=self.config, image_slot=batch.image_slot,

@@ -111,31 +111,16 @@ def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, 
     check_params(max_new_tokens, temperature, top_p, top_k, seed)
     be, cfg, xp = model.backend, model.config, model.xp
     stats = {} if stats is None else stats
-    batch = model.prepare([model.prompt_ids(p) for p in prompts])
-    B, T = batch.ids.shape
-    check_length(model, T, max_new_tokens)
     rng = np.random.default_rng(seed)
     eos = set(cfg.eos_token_ids) | {model.tokenizer.eos_id}
-
+    batch, cache, logits, t_prefill = prefill(model, images, prompts, max_new_tokens, exif, stats)
+    nxt = pick(be, logits, temperature, top_k, top_p, rng)  # reading it back waits for the device
     t0 = time.perf_counter()
-    pil = model.load_images(images, exif=exif)
-    stats["image_sizes"] = [im.size for im in pil]
-    feats = model.encode_images(pil)
-    be.synchronize()
-    t1 = time.perf_counter()
-    embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
-    t = cfg.text
-    cache = KVCache(embed_w, t.num_hidden_layers, B, t.num_key_value_heads, T + max_new_tokens, t.head_dim)
+    stats["prefill_seconds"] = t0 - t_prefill
+    B, T = batch.ids.shape
     # every token generated is real (valid) and causal (not prefix): extend the masks' inputs once
     valid = xp.concat([batch.valid, xp.ones((B, max_new_tokens), dtype=xp.bool)], axis=1)
     prefix = xp.concat([batch.prefix, xp.zeros((B, max_new_tokens), dtype=xp.bool)], axis=1)
-    masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=cfg)
-    logits = forward(model.params, batch.ids, batch.positions, masks, cfg=cfg, image_slot=batch.image_slot, feats=feats,
-                     cache=cache, start=0, last_only=True)
-    nxt = pick(be, logits, temperature, top_k, top_p, rng)
-    t2 = time.perf_counter()
-    stats.update(prompt_tokens=T, batch=B, image_seconds=t1 - t0, prefill_seconds=t2 - t1, new_tokens=0)
-
     last_pos = [row[-1] for row in batch.host["positions"]]
     done = [False] * B
     for i in range(max_new_tokens):
@@ -151,8 +136,31 @@ def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, 
         masks = prefix_lm_masks(valid[:, : s + 1], prefix[:, : s + 1], s, cfg=cfg)
         logits = forward(model.params, ids, pos, masks, cfg=cfg, cache=cache, start=s, last_only=True)
         nxt = pick(be, logits, temperature, top_k, top_p, rng)
-    stats["decode_seconds"] = time.perf_counter() - t2
-    stats["kv_cache_bytes"] = cache.nbytes
+    stats["decode_seconds"] = time.perf_counter() - t0
+
+
+def prefill(model, images, prompts, max_new_tokens, exif, stats):
+    """Encode the images once and run the whole prompt into a fresh KV cache.
+
+    Returns (batch, cache, last-position logits [B, 1, V], the time the decoder pass started)."""
+    be, cfg = model.backend, model.config
+    batch = model.prepare([model.prompt_ids(p) for p in prompts])
+    B, T = batch.ids.shape
+    check_length(model, T, max_new_tokens)
+    t0 = time.perf_counter()
+    pil = model.load_images(images, exif=exif)
+    feats = model.encode_images(pil)  # [B, N, D]
+    be.synchronize()
+    t1 = time.perf_counter()
+    t = cfg.text
+    embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
+    cache = KVCache(embed_w, t.num_hidden_layers, B, t.num_key_value_heads, T + max_new_tokens, t.head_dim)
+    masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=cfg)
+    logits = forward(model.params, batch.ids, batch.positions, masks, cfg=cfg, image_slot=batch.image_slot, feats=feats,
+                     cache=cache, start=0, last_only=True)  # [B, 1, V]
+    stats.update(prompt_tokens=T, batch=B, image_sizes=[im.size for im in pil], image_seconds=t1 - t0, new_tokens=0,
+                 kv_cache_bytes=cache.nbytes)
+    return batch, cache, logits, t1
 
 
 def pick(be, logits, temperature, top_k, top_p, rng):  # [B, 1, V] device -> host ids [B]

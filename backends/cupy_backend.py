@@ -40,4 +40,5 @@ class CupyBackend(Backend):
         self._cp.cuda.get_current_stream().synchronize()
 
     def peak_memory(self):
+        # CuPy's pool keeps freed blocks for reuse, so what it holds is its high-water mark
         return int(self._cp.get_default_memory_pool().total_bytes())

@@ -1,6 +1,6 @@
 """Write tests/golden/shapes_tokens.json: the embedded model's greedy token ids on one held-out scene.
 
-    python tools/write_golden.py [--seed 1000003] [--max-new-tokens 40]
+    python tools/write_golden.py [--seed 1000002] [--max-new-tokens 40]
 
 Run it only when a change is *meant* to move the ids (new weights, a fixed tokenizer bug); the
 golden test exists to catch every other change that does.
@@ -22,7 +22,7 @@ from npvlm.shapes import make_scene, tasks  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=10**6 + 3)
+    ap.add_argument("--seed", type=int, default=10**6 + 2)  # a held-out scene of three shapes
     ap.add_argument("--max-new-tokens", type=int, default=40)
     a = ap.parse_args(argv)
     model, scene = npvlm.load(), make_scene(a.seed)

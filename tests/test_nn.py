@@ -337,8 +337,6 @@ def test_attention_matches_torch_sdpa(ns, B, heads, T, S, E, use_mask, softcap, 
 @given(B=batches, heads=head_layouts(), T=st.integers(2, 9), S=st.integers(1, 6), E=st.integers(1, 8),
        rows_pick=st.floats(0, 1), use_mask=st.booleans(), softcap=st.none() | st.just(5.0), seed=seeds)
 def test_attention_in_query_blocks_equals_one_pass(ns, B, heads, T, S, E, rows_pick, use_mask, softcap, seed):
-    if not hasattr(nn, "SCORE_BUDGET"):
-        pytest.skip("nn.attention has no SCORE_BUDGET: it never splits the queries into blocks")
     _, H, K = heads
     rng = np.random.default_rng(seed)
     q, k, v = randn(rng, B, H, T, E), randn(rng, B, K, S, E), randn(rng, B, K, S, E)

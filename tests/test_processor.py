@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from npvlm.errors import ConfigError, ImageError  # noqa: E402
@@ -63,7 +63,7 @@ _HF = {}
 def hf_pixels(image, size):
     """transformers' SiglipImageProcessor output (PIL backend when torchvision is absent)."""
     if size not in _HF:
-        transformers = pytest.importorskip("transformers")
+        import transformers
         transformers.utils.logging.set_verbosity_error()
         _HF[size] = transformers.SiglipImageProcessor(size={"height": size, "width": size})
     return _HF[size](images=image, return_tensors="np")["pixel_values"][0]
@@ -111,7 +111,7 @@ def test_channel_order_and_normalisation():
 
 
 def test_image_settings_from_preprocessor_config(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     transformers.utils.logging.set_verbosity_error()
     ip = transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.45, 0.4],
                                            image_std=[0.26, 0.26, 0.27])

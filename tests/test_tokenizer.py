@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def _rich_lines():
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     base = tmp_path_factory.mktemp("tok")
     small, rich, js = str(base / "small"), str(base / "rich"), str(base / "json_only")
     train_tokenizer(small)

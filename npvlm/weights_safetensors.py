@@ -214,11 +214,24 @@ def _array(path, mm, name: str, t: TensorInfo) -> np.ndarray:
     if t.dtype == "BF16":  # bfloat16 is the top half of a float32
         wide = np.frombuffer(mm, dtype="<u2", count=count, offset=t.start).astype(np.uint32)
         wide <<= 16
+        _release(mm, t)
         return wide.view(np.float32).reshape(t.shape)
     if code is None:
         raise _fail(path, f"tensor {_q(name)}: dtype {t.dtype} has no NumPy equivalent")
     a = np.frombuffer(mm, dtype=code, count=count, offset=t.start).reshape(t.shape)
-    return a.astype(np.float32) if t.dtype == "F16" else a
+    if t.dtype == "F16":
+        a = a.astype(np.float32)
+        _release(mm, t)
+    return a
+
+
+def _release(mm, t: TensorInfo) -> None:
+    """Unmap the pages of a tensor that was widened: its float32 copy is what stays in memory, so
+    a bf16 checkpoint peaks at its float32 size, not that plus the file (the page cache keeps it)."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-t.start // page) * page, (t.end // page) * page
+    if hi > lo and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def read_safetensors(path, *, names=None) -> dict[str, np.ndarray]:

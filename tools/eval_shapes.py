@@ -123,11 +123,19 @@ class NpvlmEngine:
 
         self.model = npvlm.load(model_dir, backend=backend)
 
-    def run(self, scenes, jobs, max_new_tokens=MAX_NEW):
-        out = []
-        for i, p, _a in jobs:
-            r = self.model.generate(scenes[i].image, p, max_new_tokens=max_new_tokens)
-            out.append((r.text, list(r.token_ids)))
+    def run(self, scenes, jobs, max_new_tokens=MAX_NEW, batch=64):
+        """Batched like the HF engine (same prompt text in a batch); npvlm's batches equal its single runs."""
+        by_prompt = defaultdict(list)
+        for n, (i, p, _a) in enumerate(jobs):
+            by_prompt[p].append((n, i))
+        out = [None] * len(jobs)
+        for p, items in by_prompt.items():
+            for k in range(0, len(items), batch):
+                chunk = items[k:k + batch]
+                res = self.model.generate([scenes[i].image for _, i in chunk], [p] * len(chunk),
+                                          max_new_tokens=max_new_tokens)
+                for (n, _i), r in zip(chunk, res):
+                    out[n] = (r.text, list(r.token_ids))
         return out
 
 

@@ -12,12 +12,12 @@ N image tokens (patches), P patch size, S image side.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .jsonfile import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("paligemma",)
 SUPPORTED_TEXT_TYPES = ("gemma", "gemma2")
@@ -139,20 +139,7 @@ class PaliGemmaConfig:
             raise ConfigError(f"{model_dir}: not a directory")
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: not found (a PaliGemma model folder holds config.json and *.safetensors)")
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(16 * 1024 * 1024 + 1)
-            if len(raw) > 16 * 1024 * 1024:
-                raise ConfigError(f"{path}: larger than 16 MiB, not a config file")
-            d = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        except (ValueError, RecursionError) as e:  # a 5000-digit number, 100k nested brackets
-            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        d = read_json_object(path, ConfigError)
         return cls.from_hf(d, where=path)
 
     def validate(self, where: str = "config.json") -> None:

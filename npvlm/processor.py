@@ -22,7 +22,6 @@ files are errors; the first frame of an animation is used.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
+from .jsonfile import read_json_object
 
 # Pillow plugin names. JPEG includes camera MPO files (the JPEG opener returns them); PPM covers PBM/PGM/PNM.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -98,13 +98,7 @@ class ImageProcessorConfig:
         path = os.path.join(os.fspath(model_dir), "preprocessor_config.json")
         if not os.path.isfile(path):
             return cls(size=int(default_size))
-        try:
-            with open(path, "rb") as f:
-                d = json.loads(f.read(1 << 20).decode("utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 / JSON, 5000-digit numbers
-            raise ConfigError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        d = read_json_object(path, ConfigError, limit=1 << 20)
         try:
             size = d.get("size", {"height": default_size, "width": default_size})
             if isinstance(size, int):

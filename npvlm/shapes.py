@@ -190,7 +190,6 @@ def tasks(scene: Scene) -> list[tuple[str, str]]:
     the {kind}?" for each kind present exactly once; "detect {kind}" for each kind present and
     "detect {colour} {kind}" for each colour-kind pair present.
     """
-    w, h = scene.width, scene.height
     out = [("caption en", scene.caption), ("answer en how many shapes?", str(len(scene.shapes)))]
     counts = scene.counts
     out += [(f"answer en how many {PLURALS[k]}?", str(counts[k])) for k in KINDS]

@@ -24,6 +24,7 @@ import re
 import warnings
 
 from .errors import TokenizerError
+from .jsonfile import read_json_object
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 IMAGE_TOKEN = "<image>"
@@ -240,13 +241,7 @@ def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
         path = os.path.join(model_dir, name)
         if not os.path.isfile(path):
             continue
-        try:
-            with open(path, "rb") as f:
-                d = json.loads(f.read(64 << 20).decode("utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 / JSON, 5000-digit numbers
-            raise TokenizerError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
-        if not isinstance(d, dict):
-            raise TokenizerError(f"{path}: expected a JSON object")
+        d = read_json_object(path, TokenizerError, limit=64 << 20)
         try:
             if name == "added_tokens.json":
                 added.update({int(i): (str(t), t == IMAGE_TOKEN) for t, i in d.items()})

@@ -161,12 +161,12 @@ def test_sibling_json_files_are_hardened_too(ckpt, tmp_path):
     """preprocessor_config.json and tokenizer_config.json: hostile JSON is one error line, not a RecursionError."""
     d = copy_of(ckpt, tmp_path, "pre")
     (d / "preprocessor_config.json").write_text('{"size": ' + "9" * 5000 + "}")
-    raises(ConfigError, lambda: npvlm.load(str(d)), f"{d / 'preprocessor_config.json'}: not a readable JSON file")
+    raises(ConfigError, lambda: npvlm.load(str(d)), f"{d / 'preprocessor_config.json'}: not valid JSON")
     (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, float("nan"), 0.5]}))
     raises(ConfigError, lambda: npvlm.load(str(d)), "image_mean, image_std and rescale_factor must be finite")
     d = copy_of(ckpt, tmp_path, "tok")
     (d / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
-    raises(TokenizerError, lambda: npvlm.load(str(d)), f"{d / 'tokenizer_config.json'}: not a readable JSON file")
+    raises(TokenizerError, lambda: npvlm.load(str(d)), f"{d / 'tokenizer_config.json'}: not valid JSON")
 
 
 # ---------------------------------------------------------------------------------------------

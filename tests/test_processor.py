@@ -125,7 +125,7 @@ def test_image_settings_from_preprocessor_config(tmp_path):
     with pytest.raises(ConfigError, match="size 32x32 does not match the model's image_size 224"):
         image_settings(str(tmp_path), 224)
     (tmp_path / "preprocessor_config.json").write_text("{nope")
-    with pytest.raises(ConfigError, match="preprocessor_config.json: not a readable JSON"):
+    with pytest.raises(ConfigError, match="preprocessor_config.json: not valid JSON"):
         image_settings(str(tmp_path), 32)
     empty = tmp_path / "empty"
     empty.mkdir()

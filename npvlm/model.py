@@ -110,7 +110,7 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> Pal
     checked (config, tokenizer, every tensor name and shape) before any weight is mapped.
     """
     t0 = time.perf_counter()
-    model_dir = model_dir or EMBEDDED_MODEL
+    model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
     be = get_backend(backend)
     cfg = PaliGemmaConfig.from_dir(model_dir)
     tok = Tokenizer.from_dir(model_dir, image_token_id=cfg.image_token_index)

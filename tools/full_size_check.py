@@ -2,6 +2,7 @@
 
     python tools/full_size_check.py --preset pg1-3b-224                 # PaliGemma 3B, float32, vs HF (<= 1e-3)
     python tools/full_size_check.py --preset pg2-3b-448 --dtype bfloat16 --skip-hf   # PG2 at 448: first token
+    python tools/full_size_check.py --preset pg2-3b-448 --image-size 896 --dtype bfloat16 --last-only --skip-hf
 
 The two sides run one after the other, each in its own process (both at once do not fit in
 24 GB), on the same token ids and pixels; each reports its own peak RSS. The random weights
@@ -146,6 +147,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="pg1-3b-224")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--image-size", type=int, help="override the preset's image side (e.g. 896)")
     ap.add_argument("--dir", help="checkpoint folder (written if it holds no config.json)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--last-only", action="store_true", help="compare the last position's logits only")
@@ -156,12 +158,12 @@ def main(argv=None):
     if a.side:
         print(json.dumps((run_npvlm if a.side == "npvlm" else run_hf)(a.dir, a.out, a.last_only)))
         return
-    d = a.dir or os.path.join(tempfile.gettempdir(), f"npvlm-{a.preset}-{a.dtype}")
+    d = a.dir or os.path.join(tempfile.gettempdir(), f"npvlm-{a.preset}-{a.dtype}-{a.image_size or 'preset'}")
     if not os.path.exists(os.path.join(d, "config.json")):
         from make_checkpoint import make_checkpoint
 
         t = time.perf_counter()
-        make_checkpoint(d, a.preset, dtype=a.dtype, tokenizer=False)
+        make_checkpoint(d, a.preset, dtype=a.dtype, tokenizer=False, image_size=a.image_size)
         print(f"wrote {d} in {time.perf_counter() - t:.0f} s")
     size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
     warm_page_cache(d)  # else whichever side runs first pays for reading the file from disk

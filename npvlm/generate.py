@@ -3,21 +3,22 @@
     prefill:  image features + "<image>"*N <bos> prompt "\\n"  ->  cache rows 0..T-1, next-token logits
     decode:   each new token attends to every cached row and itself (causal), writes row T+i
 
-Greedy picks the arg-max on the device and reads back one integer per row: one host sync per
-token. Sampling (temperature, top-k, top-p) reads the last logits back and draws from one host
-`numpy.random.Generator(seed)`, so a seed gives the same text on every backend.
+Greedy and sampling both pick on the device and read back one integer per row: one host sync per
+token. Sampling (temperature, top-k, top-p) inverts the cumulative distribution with uniform draws
+from one host `random.Random(seed)`, so a seed gives the same text on every backend.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import random
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
+from array_api_compat import array_namespace
 
 from .errors import GenerationError
 from .kv_cache import KVCache
@@ -76,23 +77,30 @@ def check_params(max_new_tokens, temperature, top_p, top_k, seed):
         raise GenerationError(f"seed must be a non-negative integer, got {_show(seed)}")
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
-    """logits [B, V] on the host -> next ids [B]. Order as HF: temperature, then top-k, then top-p."""
+def sample(logits, temperature: float, top_k: int, top_p: float, u):
+    """logits [B, V] (any namespace) and B uniform draws u in [0, 1) -> next ids [B], on the device.
+
+    As HF orders it: temperature, then top-k, then top-p (the smallest set of most likely tokens
+    whose mass reaches top_p), then a draw by inverting the cumulative distribution with u.
+    Only the B ids leave the device, never the V-wide distribution.
+    """
+    xp = array_namespace(logits)
     if temperature == 0.0:
-        return np.argmax(logits, axis=-1)
-    out = np.empty(logits.shape[0], dtype=np.int64)
-    for b, z in enumerate(logits.astype(np.float64) / temperature):
-        if 0 < top_k < z.shape[0]:
-            z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            drop = np.cumsum(p[order]) - p[order] >= top_p  # keep the smallest set whose mass reaches top_p
-            p[order[drop]] = 0.0
-            p /= p.sum()
-        out[b] = rng.choice(p.shape[0], p=p)
-    return out
+        return xp.argmax(logits, axis=-1)
+    B, V = logits.shape
+    z = xp.astype(logits, xp.float64) / temperature
+    order = xp.argsort(z, axis=-1, descending=True, stable=True)  # [B, V] token ids, most likely first
+    z = xp.sort(z, axis=-1, descending=True)
+    if 0 < top_k < V:
+        z = xp.where(xp.arange(V) < top_k, z, xp.full_like(z, -math.inf))
+    p = xp.exp(z - z[:, :1])
+    p = p / xp.sum(p, axis=-1, keepdims=True)
+    if top_p < 1.0:
+        p = xp.where(xp.cumulative_sum(p, axis=-1) - p < top_p, p, xp.zeros_like(p))  # the first token always stays
+    cdf = xp.cumulative_sum(p, axis=-1)  # [B, V], last column = the kept mass
+    draw = xp.asarray([[x] for x in u], dtype=xp.float64) * cdf[:, -1:]
+    rank = xp.minimum(xp.sum(xp.astype(cdf <= draw, xp.int64), axis=-1), V - 1)  # [B] position in `order`
+    return xp.take(xp.reshape(order, (B * V,)), xp.arange(B) * V + rank, axis=0)
 
 
 def check_length(model, prompt_tokens: int, max_new_tokens: int):
@@ -111,7 +119,7 @@ def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, 
     check_params(max_new_tokens, temperature, top_p, top_k, seed)
     be, cfg, xp = model.backend, model.config, model.xp
     stats = {} if stats is None else stats
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)
     eos = set(cfg.eos_token_ids) | {model.tokenizer.eos_id}
     batch, cache, logits, t_prefill = prefill(model, images, prompts, max_new_tokens, exif, stats)
     nxt = pick(be, logits, temperature, top_k, top_p, rng)  # reading it back waits for the device
@@ -164,10 +172,8 @@ def prefill(model, images, prompts, max_new_tokens, exif, stats):
 
 
 def pick(be, logits, temperature, top_k, top_p, rng):  # [B, 1, V] device -> host ids [B]
-    xp = be.xp
-    if temperature == 0.0:
-        return be.to_host(xp.argmax(logits[:, -1, :], axis=-1))  # one small read-back per step
-    return sample(be.to_host(logits[:, -1, :]), temperature, top_k, top_p, rng)
+    u = [rng.random() for _ in range(logits.shape[0])]  # host draws: a seed gives the same text on every backend
+    return be.to_host(sample(logits[:, -1, :], temperature, top_k, top_p, u))  # one small read-back per step
 
 
 def _finish(model, ids, stats, prompt, size):

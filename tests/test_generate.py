@@ -74,15 +74,29 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(ckpt):
     assert model.generate(image(1), "caption en", temperature=2.0, top_p=1e-6, seed=5, max_new_tokens=16).token_ids == greedy
 
 
-def test_sampler_follows_softmax_and_respects_top_k_and_top_p():
-    rng = np.random.default_rng(0)
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
-    draws = np.array([sample(logits, 1.0, 0, 1.0, rng)[0] for _ in range(4000)])
-    freq = np.bincount(draws, minlength=4) / 4000
-    assert np.abs(freq - [0.5, 0.3, 0.15, 0.05]).max() < 0.03  # ~4 standard errors at n=4000
-    assert set(sample(np.repeat(logits, 200, axis=0), 1.0, 2, 1.0, rng)) <= {0, 1}  # top-k=2
-    assert set(sample(np.repeat(logits, 200, axis=0), 1.0, 0, 0.7, rng)) <= {0, 1}  # 0.5 + 0.3 reaches 0.7
-    assert set(sample(np.repeat(logits, 50, axis=0), 0.0, 0, 1.0, rng)) == {0}  # temperature 0 = greedy
+@each_backend
+def test_sampler_follows_softmax_and_respects_top_k_and_top_p(backend):
+    import random
+
+    from npvlm.backends import get_backend
+
+    be = get_backend(backend)
+    rng = random.Random(0)
+    probs = [0.15, 0.5, 0.05, 0.3]  # the most likely token is not the first: sorting matters
+    logits = be.asarray(np.log(np.array([probs] * 4000, dtype=np.float32)))
+
+    def draws(temperature, top_k, top_p):
+        ids = sample(logits, temperature, top_k, top_p, [rng.random() for _ in range(4000)])
+        return be.to_host(ids)
+
+    freq = np.bincount(draws(1.0, 0, 1.0), minlength=4) / 4000
+    assert np.abs(freq - probs).max() < 0.03  # ~4 standard errors at n=4000
+    assert set(draws(1.0, 2, 1.0)) == {1, 3}  # top-k=2: the two most likely
+    assert set(draws(1.0, 0, 0.7)) == {1, 3}  # 0.5 + 0.3 reaches 0.7
+    assert set(draws(1.0, 0, 0.5)) == {1}  # the first token alone reaches 0.5
+    assert set(draws(0.0, 0, 1.0)) == {1}  # temperature 0 = greedy
+    hot = np.bincount(draws(100.0, 0, 1.0), minlength=4) / 4000
+    assert np.abs(hot - 0.25).max() < 0.03  # a high temperature flattens the distribution
 
 
 def test_decode_cost_does_not_grow_with_a_cache(ckpt):

@@ -151,7 +151,7 @@ _ALPHABET = list("abcdefghij klmnop  qrstuvwxyz,.?;<>\n\t\r\x00é¿😀中文字
 _texts = st.one_of(st.text(max_size=40), st.lists(st.sampled_from(_ALPHABET), max_size=25).map("".join))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=_texts, suffix=st.one_of(st.none(), _texts), kind=st.sampled_from(KINDS))
 def test_random_text_matches_hf(dirs, prompt, suffix, kind):
     tok = npvlm_tok(dirs[kind])
@@ -160,7 +160,7 @@ def test_random_text_matches_hf(dirs, prompt, suffix, kind):
     assert build_prompt_ids(tok, prompt, N_IMG, suffix=suffix) == hf_ids(dirs[kind], prompt, suffix)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), kind=st.sampled_from(KINDS))
 def test_decode_random_ids_matches_hf(dirs, data, kind):
     # random ids include invalid UTF-8 byte runs (HF: one U+FFFD per byte) and ids past the vocabulary
@@ -172,10 +172,11 @@ def test_decode_random_ids_matches_hf(dirs, data, kind):
         assert tok.decode(ids, skip_special_tokens=skip) == hf.tokenizer.decode(ids, skip_special_tokens=skip)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(max_size=60), kind=st.sampled_from(KINDS))
+@settings(max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(exclude_characters="\u2581"), max_size=60), kind=st.sampled_from(KINDS))
 def test_round_trip(dirs, text, kind):
-    # byte fallback: any text comes back unchanged; with specials skipped, any text that does not spell one
+    # byte fallback: any text comes back unchanged; with specials skipped, any text that does not spell one.
+    # Except U+2581 "▁": SentencePiece's own mark for a space, which it reads back as " " (HF does the same).
     tok = npvlm_tok(dirs[kind])
     assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
     if not any(t in text for t in ("<bos>", "<eos>", "<pad>", "<unk>", "<image>", "<mask>")):

@@ -115,12 +115,16 @@ def check_length(model, prompt_tokens: int, max_new_tokens: int):
 
 def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                  exif=True, stats=None):
-    """Yield the next token ids (a list, one per row) at each step until every row ends or the budget is spent."""
+    """An iterator of the next token ids (a list, one per row) at each step, until every row ends or the
+    budget is spent. The parameters are checked now, at the call; the work starts at the first step."""
     check_params(max_new_tokens, temperature, top_p, top_k, seed)
-    be, cfg, xp = model.backend, model.config, model.xp
     stats = {} if stats is None else stats
+    return _steps(model, images, prompts, max_new_tokens, temperature, top_p, top_k, seed, exif, stats)
+
+
+def _steps(model, images, prompts, max_new_tokens, temperature, top_p, top_k, seed, exif, stats):
+    be, cfg, xp = model.backend, model.config, model.xp
     rng = random.Random(seed)
-    eos = set(cfg.eos_token_ids) | {model.tokenizer.eos_id}
     batch, cache, logits, t_prefill = prefill(model, images, prompts, max_new_tokens, exif, stats)
     nxt = pick(be, logits, temperature, top_k, top_p, rng)  # reading it back waits for the device
     t0 = time.perf_counter()
@@ -133,7 +137,7 @@ def decode_steps(model, images, prompts, *, max_new_tokens=32, temperature=0.0, 
     done = [False] * B
     for i in range(max_new_tokens):
         nxt = [cfg.pad_token_id if done[b] else int(nxt[b]) for b in range(B)]
-        done = [done[b] or nxt[b] in eos for b in range(B)]
+        done = [done[b] or nxt[b] in model.stop_ids for b in range(B)]
         stats["new_tokens"] = i + 1
         yield nxt
         if all(done) or i == max_new_tokens - 1:
@@ -156,8 +160,8 @@ def prefill(model, images, prompts, max_new_tokens, exif, stats):
     B, T = batch.ids.shape
     check_length(model, T, max_new_tokens)
     t0 = time.perf_counter()
-    pil = model.load_images(images, exif=exif)
-    feats = model.encode_images(pil)  # [B, N, D]
+    rgb = model.load_images(images, exif=exif)
+    feats = model.encode_images(rgb)  # [B, N, D]
     be.synchronize()
     t1 = time.perf_counter()
     t = cfg.text
@@ -166,7 +170,7 @@ def prefill(model, images, prompts, max_new_tokens, exif, stats):
     masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=cfg)
     logits = forward(model.params, batch.ids, batch.positions, masks, cfg=cfg, image_slot=batch.image_slot, feats=feats,
                      cache=cache, start=0, last_only=True)  # [B, 1, V]
-    stats.update(prompt_tokens=T, batch=B, image_sizes=[im.size for im in pil], image_seconds=t1 - t0, new_tokens=0,
+    stats.update(prompt_tokens=T, batch=B, image_sizes=[im.size for im in rgb], image_seconds=t1 - t0, new_tokens=0,
                  kv_cache_bytes=cache.nbytes)
     return batch, cache, logits, t1
 
@@ -177,8 +181,7 @@ def pick(be, logits, temperature, top_k, top_p, rng):  # [B, 1, V] device -> hos
 
 
 def _finish(model, ids, stats, prompt, size):
-    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_id}
-    cut = next((i for i, t in enumerate(ids) if t in eos), None)
+    cut = next((i for i, t in enumerate(ids) if t in model.stop_ids), None)
     reason = "eos" if cut is not None else "length"
     ids = ids if cut is None else ids[:cut]
     return GenerationResult(model.tokenizer.decode(ids), ids, reason, prompt=prompt, image_size=size, stats=stats)
@@ -216,18 +219,16 @@ def stream(model, image, prompt, **kw):
     """Yield text pieces as tokens arrive, then the GenerationResult as the last item.
 
     The parameters are checked at the call, before the first item is asked for."""
-    check_params(*(kw.get(k, d) for k, d in (("max_new_tokens", 32), ("temperature", 0.0), ("top_p", 1.0), ("top_k", 0),
-                                             ("seed", None))))
-    return _stream(model, image, prompt, **kw)
+    stats = {}
+    return _stream(model, decode_steps(model, [image], [prompt], stats=stats, **kw), stats, prompt)
 
 
-def _stream(model, image, prompt, **kw):
-    stats, row, ids, shown = {}, [], [], ""
-    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_id}
-    for (tok,) in decode_steps(model, [image], [prompt], stats=stats, **kw):
+def _stream(model, steps, stats, prompt):
+    row, ids, shown = [], [], ""
+    for (tok,) in steps:
         row.append(tok)
-        if tok in eos:
-            continue  # the last step: the generator ends after it
+        if tok in model.stop_ids:
+            continue  # the last step: the iterator ends after it
         ids.append(tok)
         text = model.tokenizer.decode(ids)
         if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back half a UTF-8 character

@@ -24,7 +24,6 @@ class KVCache:
         self.v = [xp.zeros(shape, dtype=like.dtype) for _ in range(n_layers)]
         self.capacity = capacity
         self.nbytes = 2 * n_layers * batch * n_kv_heads * capacity * head_dim * (xp.finfo(like.dtype).bits // 8)
-        self.length = 0  # rows filled so far (all layers advance together)
 
     def update(self, layer: int, k, v, start: int):  # k, v [B, K, T, E] -> all keys, values [B, K, start+T, E]
         """Write the T new rows at positions start..start+T and return the filled part of the cache."""
@@ -33,6 +32,4 @@ class KVCache:
             raise GenerationError(f"KV cache full: {end} tokens do not fit its capacity of {self.capacity}")
         self.k[layer][:, :, start:end, :] = k
         self.v[layer][:, :, start:end, :] = v
-        if layer == len(self.k) - 1:
-            self.length = end
         return self.k[layer][:, :, :end, :], self.v[layer][:, :, :end, :]

@@ -40,6 +40,7 @@ class PaliGemmaModel:
         self.config, self.params, self.backend, self.tokenizer = config, params, backend, tokenizer
         self.image_settings = images  # preprocess() keywords (size, mean, std, ...) from preprocessor_config.json
         self.model_dir, self.load_seconds = model_dir, load_seconds
+        self.stop_ids = frozenset(config.eos_token_ids) | {tokenizer.eos_id}  # generation ends at any of these
 
     @property
     def xp(self):
@@ -52,15 +53,13 @@ class PaliGemmaModel:
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def load_images(self, images, *, exif=True):  # paths / PIL images / uint8 arrays -> RGB PIL images
+    def load_images(self, images, *, exif=True):  # paths / PIL images / uint8 arrays -> upright RGB PIL images
         return [load_image(im, exif=exif) for im in images]
 
-    def pixels(self, images, *, exif=True):  # list of image sources -> device [B, 3, S, S] float32
-        arrs = [preprocess(im, **self.image_settings, exif=False) for im in self.load_images(images, exif=exif)]
-        return self.xp.stack([self.backend.asarray(a) for a in arrs], axis=0)
-
-    def encode_images(self, images, *, exif=True):  # -> device [B, N, D]
-        return image_features(self.pixels(images, exif=exif), self.params, cfg=self.config)
+    def encode_images(self, rgb):  # RGB PIL images (from load_images) -> device [B, N, D]
+        arrs = [preprocess(im, **self.image_settings, exif=False) for im in rgb]  # [3, S, S] each
+        pixels = self.xp.stack([self.backend.asarray(a) for a in arrs], axis=0)  # [B, 3, S, S]
+        return image_features(pixels, self.params, cfg=self.config)
 
     def prompt_ids(self, prompt, suffix=None):
         return build_prompt_ids(self.tokenizer, prompt, self.config.num_image_tokens, suffix=suffix)
@@ -84,7 +83,7 @@ class PaliGemmaModel:
         """Logits over the whole sequence `<image>*N <bos> prompt "\\n" [suffix <eos>]`: host float32 [L, V]."""
         batch = self.prepare([self.prompt_ids(prompt, suffix)])
         check_length(self, batch.ids.shape[1], 0)
-        feats = self.encode_images([image], exif=exif)
+        feats = self.encode_images(self.load_images([image], exif=exif))
         masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=self.config)
         out = forward(self.params, batch.ids, batch.positions, masks, cfg=self.config, image_slot=batch.image_slot,
                       feats=feats)

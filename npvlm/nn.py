@@ -23,6 +23,7 @@ import math
 from array_api_compat import array_namespace
 
 from .errors import ShapeError
+from .fast_ops import fast_path
 
 MASK_MIN = -3.4028234663852886e38  # finfo(float32).min: a finite "minus infinity" (no NaN rows)
 SCORE_BUDGET = 1 << 25  # most attention scores held at once (32 Mi floats, 128 MiB): queries go in blocks past it
@@ -35,6 +36,7 @@ def _expect(ok: bool, layer: str, what: str, got) -> None:
 
 # --- dense layers -------------------------------------------------------------------------------
 
+@fast_path(on=1)  # dispatched on the weight: packed (16/8-bit) weights bring their own kernel
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] -> [..., out]
     _expect(weight.ndim == 2 and x.shape[-1] == weight.shape[1], "linear",
             f"x[..., {weight.shape[-1] if weight.ndim == 2 else '?'}] for weight {tuple(weight.shape)}", tuple(x.shape))
@@ -45,6 +47,7 @@ def linear(x, weight, bias=None):  # [..., in], [out, in], [out] -> [..., out]
     return y
 
 
+@fast_path
 def gelu_tanh(x):  # [...] -> [...]; the tanh approximation both towers use (not exact erf)
     xp = array_namespace(x)
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
@@ -77,6 +80,7 @@ def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B,
 
 # --- normalisation ------------------------------------------------------------------------------
 
+@fast_path
 def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]
     xp = array_namespace(x)
     _expect(weight.ndim == 1 and tuple(bias.shape) == tuple(weight.shape) and x.shape[-1] == weight.shape[0], "layer_norm",
@@ -88,6 +92,7 @@ def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]
     return xp.astype(y, x.dtype)
 
 
+@fast_path
 def rms_norm(x, weight, eps=1e-6):  # [..., D], [D] -> [..., D]
     """Gemma's RMSNorm: float32 statistics, scale (1 + w) (w is stored as an offset), cast back last."""
     xp = array_namespace(x)
@@ -126,6 +131,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, mo
 
 # --- attention ----------------------------------------------------------------------------------
 
+@fast_path
 def softmax(x, axis=-1):  # [...] -> [...], float32, max-subtracted so exp never overflows
     xp = array_namespace(x)
     h = xp.astype(x, xp.float32)
@@ -143,6 +149,7 @@ def rope_angles(positions, head_dim, theta=10000.0):  # [B, T] int -> cos, sin [
     return xp.cos(ang), xp.sin(ang)
 
 
+@fast_path
 def rope(x, cos, sin):  # [B, H, T, E], [B, T, E], [B, T, E] -> [B, H, T, E]
     xp = array_namespace(x)
     _expect(x.ndim == 4 and cos.ndim == 3 and tuple(cos.shape) == tuple(sin.shape) and cos.shape[0] in (1, x.shape[0])
@@ -167,6 +174,7 @@ def merge_heads(x):  # [B, n, T, E] -> [B, T, n*E]
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (B, T, n * E))
 
 
+@fast_path
 def attention(q, k, v, mask=None, *, scale, softcap=None):
     """Scaled dot-product attention for MHA, GQA and MQA.
 

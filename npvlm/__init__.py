@@ -40,10 +40,10 @@ __version__ = "0.1.0"
 def load(model_dir=None, backend="numpy", *, progress=None):
     """Load an HF PaliGemma model folder (the embedded shapes model if None) onto a backend.
 
-    Returns a `npvlm.model.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
+    Returns a `npvlm.api.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
     `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`.
     """
-    from .model import load as _load
+    from .api import load as _load
 
     return _load(model_dir, backend=backend, progress=progress)
 

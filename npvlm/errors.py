@@ -36,3 +36,20 @@ class GenerationError(NpvlmError):
 
 class ShapeError(NpvlmError, ValueError):
     """Arrays of mismatched shapes were passed to a layer."""
+
+
+def show(value, limit: int = 60) -> str:
+    """repr() of a value from outside (a file, an argument), cut short so messages stay one line; never fails."""
+    try:
+        r = repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        return f"<{type(value).__name__} too long to print>"
+    return r if len(r) <= limit else r[: limit - 4] + "..." + r[-1]
+
+
+def show_path(path) -> str:
+    """A path for a message: as it is when printable, repr() otherwise (newlines, escapes)."""
+    import os
+
+    s = os.fspath(path)
+    return s if s.isprintable() else repr(s)

@@ -105,6 +105,10 @@ def rms_norm(x, weight, eps=1e-6):  # [..., D], [D] -> [..., D]
 def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, momentum=0.1, eps=1e-5):
     """BatchNorm over axis 1 (channels) of [B, C, ...]: returns (y, new_running_mean, new_running_var).
 
+    PaliGemma and SigLIP do not use it (both towers normalise per token: LayerNorm, RMSNorm); it is
+    here because the design card names it, for readers comparing the three norms, and is tested
+    against torch.nn.functional.batch_norm in both modes (tests/test_nn.py).
+
     Training normalises with the batch mean and *biased* variance, and moves the running stats
     towards the batch ones with `momentum`, using the *unbiased* variance, as torch does.
     Eval normalises with the running stats. Pure: the running stats are returned, not mutated.
@@ -211,6 +215,6 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     return xp.reshape(o, (B, H, T, E))
 
 
-def additive_mask(allowed, dtype=None):  # bool [...] -> float32 [...]: 0 where allowed, MASK_MIN elsewhere
+def additive_mask(allowed):  # bool [...] -> float32 [...]: 0 where allowed, MASK_MIN elsewhere
     xp = array_namespace(allowed)
     return xp.where(allowed, xp.asarray(0.0, dtype=xp.float32), xp.asarray(MASK_MIN, dtype=xp.float32))

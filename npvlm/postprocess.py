@@ -32,8 +32,7 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 @dataclass(frozen=True)
 class Detection:
     label: str
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
-    score: float | None = None  # PaliGemma gives no score
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image (PaliGemma gives no score)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,6 @@ class Segment:
     label: str
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
     codes: tuple[int, ...]  # the 16 VQ-VAE codes, each in [0, 128)
-    score: float | None = None
 
 
 def _box(groups, width, height):

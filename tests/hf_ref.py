@@ -15,9 +15,7 @@ import numpy as np
 import PIL.Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-from make_checkpoint import make_checkpoint  # noqa: E402
+from tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def write(tmp_dir, preset="tiny-tok", **kw) -> str:

@@ -27,7 +27,10 @@ else:  # pytest's default rootdir-less import: tests/ itself is on sys.path
     from namespaces import each_namespace
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MODEL_FILES = ("nn.py", "siglip.py", "gemma.py", "paligemma.py", "kv_cache.py")
+# Every file of model code: the layers, the cache, the losses, each model family, generation and the seam.
+MODEL_FILES = ("nn.py", "kv_cache.py", "contrastive.py", "fast_ops.py", *(f"models/{p.name}" for p in
+               sorted((REPO / "npvlm" / "models").glob("*.py")) if p.name not in ("__init__.py",)),
+               "generation/generate.py", "generation/sampling.py")
 
 
 # --- get_backend --------------------------------------------------------------------------------
@@ -171,8 +174,9 @@ def import_in_fresh_python(module: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("module", ["npvlm", "npvlm.nn", "npvlm.kv_cache", "npvlm.gemma", "npvlm.siglip",
-                                    "npvlm.paligemma", "npvlm.backends", "npvlm.model", "npvlm.cli", "npvlm.generate"])
+@pytest.mark.parametrize("module", ["npvlm", "npvlm.nn", "npvlm.kv_cache", "npvlm.models.gemma", "npvlm.models.siglip_vision",
+                                    "npvlm.models.paligemma", "npvlm.backends", "npvlm.api", "npvlm.apps.cli",
+                                    "npvlm.generation.generate", "npvlm.contrastive"])
 def test_import_pulls_in_neither_torch_nor_cupy(module):
     r = import_in_fresh_python(module)
     assert r.returncode == 0, r.stderr

@@ -19,12 +19,14 @@ import safetensors.numpy as stn
 from PIL import Image
 
 import npvlm
-from npvlm import weights as W
-from npvlm.config import PaliGemmaConfig
+from npvlm.io import checkpoint as W
+from npvlm.models.paligemma_config import PaliGemmaConfig
 from npvlm.errors import (BackendError, CheckpointError, ConfigError, GenerationError, ImageError, NpvlmError,
                           TokenizerError)
-from npvlm.generate import GenerationResult, check_params
-from npvlm.processor import load_image
+from npvlm.generation.generate import GenerationResult
+from npvlm.generation.sampling import check_params
+from npvlm.io.images import load_image
+from npvlm.models.paligemma_inputs import load_images, prompt_ids
 
 from hf_ref import image, write
 
@@ -218,12 +220,12 @@ def test_bool_temperature_and_top_p_are_refused():
 
 def test_prompt_too_long_says_the_numbers(model):
     img = image(2)
-    T = len(model.prompt_ids("caption en")[0])
+    T = len(prompt_ids(model.tokenizer, "caption en", model.config.num_image_tokens)[0])
     n = model.config.num_image_tokens
     raises(GenerationError, lambda: model.generate(img, "caption en", max_new_tokens=8190),
            f"prompt of {T} tokens ({n} image + {T - n} text) plus max_new_tokens 8190 = {T + 8190} exceeds the model's 8192 positions")
     long = "red " * 9000
-    T = len(model.prompt_ids(long)[0])
+    T = len(prompt_ids(model.tokenizer, long, model.config.num_image_tokens)[0])
     assert T > 8192
     raises(GenerationError, lambda: model.generate(img, long, max_new_tokens=1), f"prompt of {T} tokens", "8192 positions")
 
@@ -287,7 +289,7 @@ def test_animated_gif_uses_its_first_frame(model, tmp_path):
     with Image.open(gif) as im:
         assert im.n_frames == 3
     assert np.array_equal(np.asarray(load_image(gif)), first)
-    encode = lambda src: model.encode_images(model.load_images([src]))  # noqa: E731
+    encode = lambda src: model.encode_images(load_images([src]))  # noqa: E731
     assert np.array_equal(encode(gif), encode(first))
     a = model.generate(gif, "caption en", max_new_tokens=4)
     b = model.generate(first, "caption en", max_new_tokens=4)

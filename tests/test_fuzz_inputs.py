@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from npvlm.config import PaliGemmaConfig
+from npvlm.models.paligemma_config import PaliGemmaConfig
 from npvlm.errors import ConfigError, GenerationError, ImageError
-from npvlm.generate import check_params
-from npvlm.processor import load_image, preprocess
+from npvlm.generation.sampling import check_params
+from npvlm.io.images import load_image, preprocess
 
 FUZZ_EXAMPLES = {"images": 300, "generation_parameters": 300, "config": 300}
 

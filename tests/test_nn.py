@@ -21,11 +21,11 @@ from transformers.models.gemma.modeling_gemma import (GemmaAttention, GemmaMLP, 
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
 from npvlm import nn
-from npvlm.config import TextConfig
+from npvlm.models.paligemma_config import TextConfig
 from npvlm.errors import GenerationError
-from npvlm.gemma import self_attention
+from npvlm.models.gemma import self_attention
 from npvlm.kv_cache import KVCache
-from npvlm.siglip import siglip_attention
+from npvlm.models.siglip_vision import siglip_attention
 
 if __package__:  # tests/ imported as a package (an __init__.py exists)
     from .namespaces import HYPOTHESIS, assert_close, each_namespace, each_namespace_marked, to_numpy
@@ -426,17 +426,40 @@ def test_kv_cache_token_by_token_equals_one_causal_pass(ns, B, heads, E, D, T, s
     cos, sin = nn.rope_angles(ns.put(positions), E)
     full = self_attention(ns.put(x), cos, sin, nn.additive_mask(ns.put(causal(B, T))), **params, cfg=cfg)
 
-    cache = KVCache(params["q_proj"]["weight"], n_layers=1, batch=B, n_kv_heads=K, capacity=T + spare, head_dim=E)
-    steps = []
-    for t in range(T):  # one token at a time; it sees the t cached keys and itself
-        cos_t, sin_t = nn.rope_angles(ns.put(positions[:, t:t + 1]), E)
-        mask_t = nn.additive_mask(ns.put(np.ones((B, 1, 1, t + 1), dtype=bool)))
-        steps.append(ns.get(self_attention(ns.put(x[:, t:t + 1]), cos_t, sin_t, mask_t, **params, cfg=cfg,
-                                           cache=cache, layer=0, start=t)))
-    assert float(np.abs(ns.get(cache.k[0])[:, :, T:, :]).max(initial=0.0)) == 0.0  # rows past T never written
-    # The same arithmetic on both paths, only the matmul shapes (and so BLAS blocking) differ;
-    # the masked keys contribute exactly 0. Outputs O(1): rtol 1e-5, atol 1e-6.
-    assert_close(ns, ns.put(np.concatenate(steps, axis=1)), ns.get(full), rtol=1e-5, atol=1e-6)
+    C = T + spare
+    for fixed_shape in (False, True):  # columns by a host int (prefill's way) or by a [B] array (decode_step's way)
+        cache = KVCache(params["q_proj"]["weight"], n_layers=1, batch=B, n_kv_heads=K, capacity=C, head_dim=E)
+        steps = []
+        for t in range(T):  # one token at a time; it sees the t cached keys and itself
+            cos_t, sin_t = nn.rope_angles(ns.put(positions[:, t:t + 1]), E)
+            if fixed_shape:  # attend to all C columns, the ones past t masked
+                at = ns.put(np.full((B,), t, dtype=np.int64))
+                mask_t = nn.additive_mask(ns.put(np.broadcast_to(np.arange(C) <= t, (B, 1, 1, C)).copy()))
+            else:
+                at, mask_t = t, nn.additive_mask(ns.put(np.ones((B, 1, 1, t + 1), dtype=bool)))
+            steps.append(ns.get(self_attention(ns.put(x[:, t:t + 1]), cos_t, sin_t, mask_t, **params, cfg=cfg,
+                                               cache=cache, layer=0, at=at)))
+        assert float(np.abs(ns.get(cache.k[0])[:, :, T:, :]).max(initial=0.0)) == 0.0  # columns past T never written
+        # The same arithmetic on both paths, only the matmul shapes (and so BLAS blocking) differ;
+        # the masked keys contribute exactly 0. Outputs O(1): rtol 1e-5, atol 1e-6.
+        assert_close(ns, ns.put(np.concatenate(steps, axis=1)), ns.get(full), rtol=1e-5, atol=1e-6)
+
+
+@each_namespace
+def test_kv_cache_writes_each_row_at_its_own_column(ns):
+    """A decode step's write: row b's new key lands in column cols[b] and nowhere else (rows of a running
+    batch may sit at different columns). Exact: a write copies values."""
+    rng = np.random.default_rng(0)
+    B, K, C, E = 3, 2, 5, 4
+    cache = KVCache(ns.put(np.zeros((1,), np.float32)), n_layers=1, batch=B, n_kv_heads=K, capacity=C, head_dim=E)
+    new = randn(rng, B, K, 1, E)
+    cols = np.array([0, 3, 4])
+    k, _ = cache.update(0, ns.put(new), ns.put(new), ns.put(cols))
+    want = np.zeros((B, K, C, E), np.float32)
+    want[np.arange(B), :, cols, :] = new[:, :, 0, :]
+    assert k.shape == (B, K, C, E)
+    np.testing.assert_array_equal(ns.get(k), want)
+    np.testing.assert_array_equal(ns.get(cache.k[0]), want)
 
 
 @each_namespace
@@ -444,6 +467,6 @@ def test_kv_cache_refuses_to_overflow(ns):
     like = ns.put(np.zeros((1,), np.float32))
     cache = KVCache(like, n_layers=1, batch=1, n_kv_heads=1, capacity=2, head_dim=2)
     kv = ns.put(np.ones((1, 1, 2, 2), np.float32))
-    cache.update(0, kv, kv, start=0)
+    cache.update(0, kv, kv, 0)
     with pytest.raises(GenerationError, match="capacity of 2"):
-        cache.update(0, ns.put(np.ones((1, 1, 1, 2), np.float32)), ns.put(np.ones((1, 1, 1, 2), np.float32)), start=2)
+        cache.update(0, ns.put(np.ones((1, 1, 1, 2), np.float32)), ns.put(np.ones((1, 1, 1, 2), np.float32)), 2)

@@ -15,8 +15,8 @@ import hypothesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from npvlm.errors import ConfigError, ImageError  # noqa: E402
-from npvlm.processor import (  # noqa: E402
-    ACCEPTED_FORMATS, ImageProcessorConfig, image_settings, load_image, preprocess)
+from npvlm.io.images import (  # noqa: E402
+    ACCEPTED_FORMATS, ImageProcessorConfig, load_image, preprocess)
 
 
 def _rgb(h=37, w=53, seed=0):
@@ -116,20 +116,21 @@ def test_image_settings_from_preprocessor_config(tmp_path):
     ip = transformers.SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48, 0.45, 0.4],
                                            image_std=[0.26, 0.26, 0.27])
     ip.save_pretrained(str(tmp_path))
-    s = image_settings(str(tmp_path), 32)
+    s = vars(ImageProcessorConfig.from_dir(str(tmp_path), 32))
     assert s["size"] == 32 and s["resample"] == 3 and np.allclose(s["mean"], [0.48, 0.45, 0.4])
     im = IMAGES["RGBA"]
     ref = ip(images=im, return_tensors="np")["pixel_values"][0]
     assert np.abs(preprocess(im, **s) - ref).max() <= 1e-5
     assert np.abs(ImageProcessorConfig.from_dir(str(tmp_path), 32).preprocess(im) - ref).max() <= 1e-5
     with pytest.raises(ConfigError, match="size 32x32 does not match the model's image_size 224"):
-        image_settings(str(tmp_path), 224)
+        ImageProcessorConfig.from_dir(str(tmp_path), 224)
     (tmp_path / "preprocessor_config.json").write_text("{nope")
     with pytest.raises(ConfigError, match="preprocessor_config.json: not valid JSON"):
-        image_settings(str(tmp_path), 32)
+        ImageProcessorConfig.from_dir(str(tmp_path), 32)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert image_settings(str(empty), 224) == dict(size=224, mean=(0.5,) * 3, std=(0.5,) * 3, rescale_factor=1 / 255, resample=3)
+    assert vars(ImageProcessorConfig.from_dir(str(empty), 224)) == dict(size=224, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                                        rescale_factor=1 / 255, resample=3)
 
 
 # ------------------------------------------------------------------ colour modes npvlm treats on purpose

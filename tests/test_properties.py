@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npvlm import nn
-from npvlm.config import TextConfig
-from npvlm.gemma import self_attention
+from npvlm.models.paligemma_config import TextConfig
+from npvlm.models.gemma import self_attention
 from npvlm.kv_cache import KVCache
 
 if __package__:  # tests/ imported as a package (an __init__.py exists)
@@ -179,7 +179,7 @@ def test_prefill_then_cached_decode_equals_full_forward(ns, B, heads, E, D, T, p
         cos, sin = nn.rope_angles(ns.put(positions[:, start:stop]), E)
         mask = nn.additive_mask(ns.put(causal(B, stop - start, start=start)))  # [B, 1, new, start + new]
         return ns.get(self_attention(ns.put(x[:, start:stop]), cos, sin, mask, **params, cfg=cfg, cache=cache,
-                                     layer=1, start=start))
+                                     layer=1, at=start))
 
     full = run(0, T)
     cache = KVCache(params["q_proj"]["weight"], n_layers=2, batch=B, n_kv_heads=K, capacity=T + spare, head_dim=E)

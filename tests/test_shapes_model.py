@@ -14,7 +14,7 @@ import pytest
 
 import npvlm
 from npvlm.postprocess import iou
-from npvlm.shapes import make_scene, tasks, task_kind
+from npvlm.demo.scenes import make_scene, tasks, task_kind
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "shapes_tokens.json")
 
@@ -55,7 +55,7 @@ def test_the_model_answers_held_out_scenes(model):
 
 
 def test_demo_draws_boxes(tmp_path):
-    from npvlm.cli import main
+    from npvlm.apps.cli import main
 
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out)]) == 0

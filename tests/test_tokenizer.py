@@ -19,11 +19,11 @@ import hypothesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from make_tokenizer import DEFAULT_WORDS, train_tokenizer  # noqa: E402
+from tools.make_tokenizer import DEFAULT_WORDS, train_tokenizer  # noqa: E402
 
 from npvlm.errors import TokenizerError  # noqa: E402
-from npvlm.tokenizer import Tokenizer, build_prompt_ids  # noqa: E402
+from npvlm.io.tokenizer import Tokenizer
+from npvlm.models.paligemma_inputs import prompt_ids as build_prompt_ids  # noqa: E402
 
 N_IMG = 4  # image tokens in the processor tests (HF's image_seq_length)
 
@@ -143,7 +143,7 @@ def test_decode_matches_hf(dirs, kind):
             for skip in (True, False):
                 assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
     # the processor made <image> special: it disappears, <loc>/<seg> stay as text
-    assert tok.decode([tok.image_id, tok.loc_ids[12], tok.seg_ids[5], tok.eos_id]) == "<loc0012><seg005>"
+    assert tok.decode([tok.image_id, tok.piece_to_id("<loc0012>"), tok.piece_to_id("<seg005>"), tok.eos_id]) == "<loc0012><seg005>"
 
 
 _ALPHABET = list("abcdefghij klmnop  qrstuvwxyz,.?;<>\n\t\r\x00é¿😀中文字") + [
@@ -188,20 +188,22 @@ def test_sentencepiece_and_tokenizer_json_agree(dirs):
     assert type(sp._b).__name__ == "_SentencePiece" and type(js._b).__name__ == "_HFTokenizers"
     for p in PROMPTS:
         assert sp.encode(p) == js.encode(p)
-    assert (sp.bos_id, sp.eos_id, sp.pad_id, sp.image_id, sp.loc_ids, sp.seg_ids) == \
-           (js.bos_id, js.eos_id, js.pad_id, js.image_id, js.loc_ids, js.seg_ids)
+    specials = ["<pad>"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    assert (sp.bos_id, sp.eos_id, sp.image_id) == (js.bos_id, js.eos_id, js.image_id)
+    assert [sp.piece_to_id(t) for t in specials] == [js.piece_to_id(t) for t in specials]
 
 
 # ------------------------------------------------------------------ vocabulary
 @pytest.mark.parametrize("kind", KINDS)
 def test_special_ids_found_by_name(dirs, kind):
     tok = npvlm_tok(dirs[kind])
-    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+    assert (tok.piece_to_id("<pad>"), tok.eos_id, tok.bos_id) == (0, 1, 2)
     assert tok.image_id == tok.piece_to_id("<image>") == 5  # tools/make_tokenizer.py's layout
-    assert len(tok.loc_ids) == 1024 and len(tok.seg_ids) == 128
-    assert [tok.id_to_piece(i) for i in (tok.loc_ids[0], tok.loc_ids[1023], tok.seg_ids[127])] == \
-           ["<loc0000>", "<loc1023>", "<seg127>"]
-    assert tok.encode("<loc0012>") == [tok.loc_ids[12]]
+    locs = [tok.piece_to_id(f"<loc{i:04d}>") for i in range(1024)]
+    segs = [tok.piece_to_id(f"<seg{i:03d}>") for i in range(128)]
+    assert None not in locs + segs and len(set(locs + segs)) == 1024 + 128
+    assert [tok.id_to_piece(i) for i in (locs[0], locs[1023], segs[127])] == ["<loc0000>", "<loc1023>", "<seg127>"]
+    assert tok.encode("<loc0012>") == [locs[12]]
     assert tok.encode("<image><bos>") == [tok.image_id, tok.bos_id]
     assert tok.piece_to_id("no such piece") is None
     with pytest.raises(TokenizerError, match="outside the vocabulary"):

@@ -23,14 +23,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npvlm import weights as W
-from npvlm.config import PaliGemmaConfig
+from npvlm.io import checkpoint as W
+from npvlm.models.paligemma_config import PaliGemmaConfig
 from npvlm.errors import CheckpointError
-from npvlm.weights import (LM_HEAD, TensorInfo, canonical_name, checkpoint_files, expected_shapes, load_weights,
-                           read_safetensors, read_safetensors_header, unflatten)
+from npvlm.io.checkpoint import checkpoint_files, read_safetensors, read_safetensors_header, unflatten
+from npvlm.io.safetensors_file import TensorInfo
+from npvlm.models.paligemma_schema import LM_HEAD, canonical_name, expected_shapes, paligemma_schema
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import make_checkpoint as mc  # noqa: E402
+
+def load_weights(model_dir, cfg, **kw):  # the generic reader with PaliGemma's schema for `cfg`
+    return W.load_weights(model_dir, paligemma_schema(cfg), **kw)
+
+import tools.make_checkpoint as mc  # noqa: E402
 
 FUZZ_EXAMPLES = 500  # mutated safetensors files per run of test_fuzz_mutated_files (README quotes it)
 
@@ -435,7 +439,8 @@ def test_every_layout_and_sharding_loads_the_same(ckpt, reference, layout, shard
 def test_half_checkpoints_load_as_float32_like_torch(ckpt, dtype):
     d = ckpt(dtype=dtype, shards=2, layout="v5")
     cfg = PaliGemmaConfig.from_dir(str(d))
-    assert cfg.dtype == dtype
+    assert {i.dtype for f in checkpoint_files(d) for i in read_safetensors_header(f).values()} == {
+        {"bfloat16": "BF16", "float16": "F16"}[dtype]}
     w = load_weights(d, cfg)
     ref = {}
     for f in checkpoint_files(d):

@@ -17,14 +17,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from make_checkpoint import make_checkpoint  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import npvlm  # noqa: E402
 from npvlm.kv_cache import KVCache  # noqa: E402
-from npvlm.paligemma import forward, prefix_lm_masks  # noqa: E402
+from npvlm.models.paligemma import advance, decode_step, prefill  # noqa: E402
+from npvlm.models.paligemma_inputs import PromptBatch  # noqa: E402
+from tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 # ~265 M parameters (TESTING-NOTES' mid model): vision 6 x 768, text 8 x 1024, MQA, head dim 128, 256 image tokens
 PRESETS = {
@@ -45,27 +44,26 @@ def checkpoint(name, where=None):
 
 def decode_step_seconds(model, position, steps=20):
     """Median time of one cached decode step whose new token sits at `position` (after a prefill of position-1)."""
-    cfg, xp, be = model.config, model.xp, model.backend
+    cfg, xp, be = model.config, model.backend.xp, model.backend
     t = cfg.text
     T = position - 1
-    ids = xp.asarray([[5] * T], dtype=xp.int64)
-    pos = xp.asarray([list(range(1, T + 1))], dtype=xp.int64)
-    valid = xp.ones((1, T + steps + 1), dtype=xp.bool)
-    prefix = xp.zeros((1, T + steps + 1), dtype=xp.bool)
+    host = {"ids": [[5] * T], "positions": [list(range(1, T + 1))], "valid": [[True] * T], "prefix": [[False] * T],
+            "image_slot": [[-1] * T]}
+    prompt = PromptBatch(host, *(xp.asarray(host[k], dtype=dt) for k, dt in
+                                 [("ids", xp.int64), ("positions", xp.int64), ("valid", xp.bool), ("prefix", xp.bool),
+                                  ("image_slot", xp.int64)]))
+    embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
     times = []
     for _ in range(3):  # repeat the whole measurement; keep the best median (least disturbed by noise)
-        cache = KVCache(model.params["language_model"]["model"]["embed_tokens"]["weight"], t.num_hidden_layers, 1,
-                        t.num_key_value_heads, T + steps + 1, t.head_dim)
-        forward(model.params, ids, pos, prefix_lm_masks(valid[:, :T], prefix[:, :T], 0, cfg=cfg), cfg=cfg, cache=cache,
-                last_only=True)
+        cache = KVCache(embed_w, t.num_hidden_layers, 1, t.num_key_value_heads, T + steps + 1, t.head_dim)
+        logits, state = prefill(model.params, prompt, None, cache, cfg=cfg)
+        nxt = xp.argmax(logits, axis=-1)
         step_times = []
         for i in range(steps):
-            s = T + i
             t0 = time.perf_counter()
-            masks = prefix_lm_masks(valid[:, : s + 1], prefix[:, : s + 1], s, cfg=cfg)
-            out = forward(model.params, xp.asarray([[7]], dtype=xp.int64), xp.asarray([[s + 1]], dtype=xp.int64), masks,
-                          cfg=cfg, cache=cache, start=s, last_only=True)
-            be.to_host(xp.argmax(out[:, -1, :], axis=-1))
+            state = advance(state, nxt)
+            nxt = xp.argmax(decode_step(model.params, state, cfg=cfg), axis=-1)
+            be.to_host(nxt)
             step_times.append(time.perf_counter() - t0)
         times.append(statistics.median(step_times))
     return min(times)

@@ -31,7 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from npvlm.postprocess import iou, parse_detections  # noqa: E402
-from npvlm.shapes import KINDS, eval_scenes, task_kind, tasks  # noqa: E402
+from npvlm.demo.scenes import KINDS, eval_scenes, task_kind, tasks  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "npvlm", "models", "shapes")
 TARGETS = {"caption": 0.90, "count": 0.95, "detect": 0.85}

@@ -45,43 +45,44 @@ def peak_rss_mib():
 
 def run_npvlm(d, out, last_only):
     from npvlm.backends import get_backend
-    from npvlm.config import PaliGemmaConfig
-    from npvlm.paligemma import forward, image_features, layout_batch, prefix_lm_masks
-    from npvlm.weights import load_weights, unflatten
+    from npvlm.io.checkpoint import load_weights, unflatten
+    from npvlm.kv_cache import KVCache
+    from npvlm.models.paligemma import advance, decode_step, forward, image_features, prefill, prefix_lm_masks
+    from npvlm.models.paligemma_config import PaliGemmaConfig
+    from npvlm.models.paligemma_inputs import PromptBatch, layout_batch
+    from npvlm.models.paligemma_schema import paligemma_schema
 
     t0 = time.perf_counter()
     cfg = PaliGemmaConfig.from_dir(d)
     be = get_backend("numpy")
-    params = unflatten({k: be.asarray(v) for k, v in load_weights(d, cfg).items()})
+    params = unflatten({k: be.asarray(v) for k, v in load_weights(d, paligemma_schema(cfg)).items()})
     t1 = time.perf_counter()
     ids, types, pix = inputs(cfg)
     host = layout_batch([(ids, types)], pad_id=0, image_id=cfg.image_token_index, num_image_tokens=cfg.num_image_tokens)
     xp = be.xp
-    A = lambda k, dt: xp.asarray(host[k], dtype=dt)  # noqa: E731
+    prompt = PromptBatch(host, *(xp.asarray(host[k], dtype=dt) for k, dt in
+                                 [("ids", xp.int64), ("positions", xp.int64), ("valid", xp.bool), ("prefix", xp.bool),
+                                  ("image_slot", xp.int64)]))
     feats = image_features(be.asarray(pix), params, cfg=cfg)
     t2 = time.perf_counter()
-    masks = prefix_lm_masks(A("valid", xp.bool), A("prefix", xp.bool), 0, cfg=cfg)
-    logits = forward(params, A("ids", xp.int64), A("positions", xp.int64), masks, cfg=cfg,
-                     image_slot=A("image_slot", xp.int64), feats=feats, last_only=last_only)
+    masks = prefix_lm_masks(prompt.valid, prompt.prefix, 0, cfg=cfg)
+    logits = forward(params, prompt.ids, prompt.positions, masks, cfg=cfg, image_slot=prompt.image_slot, feats=feats,
+                     last_only=last_only)
     t3 = time.perf_counter()
     np.save(out, be.to_host(logits)[0])
     first = int(np.argmax(be.to_host(logits)[0, -1]))
     # cached decode: prefill again into a KV cache, then time DECODE_STEPS greedy steps
-    from npvlm.kv_cache import KVCache
-
     t, L = cfg.text, len(ids)
     cache = KVCache(params["language_model"]["model"]["embed_tokens"]["weight"], t.num_hidden_layers, 1,
                     t.num_key_value_heads, L + DECODE_STEPS, t.head_dim)
-    out_ = forward(params, A("ids", xp.int64), A("positions", xp.int64), masks, cfg=cfg, image_slot=A("image_slot", xp.int64),
-                   feats=feats, cache=cache, last_only=True)
-    valid, prefix = xp.ones((1, L + DECODE_STEPS), dtype=xp.bool), xp.zeros((1, L + DECODE_STEPS), dtype=xp.bool)
-    steps, nxt = [], first
+    last, state = prefill(params, prompt, feats, cache, cfg=cfg)
+    nxt = xp.argmax(last, axis=-1)
+    steps = []
     for i in range(DECODE_STEPS):
         t4 = time.perf_counter()
-        m = prefix_lm_masks(valid[:, : L + i + 1], prefix[:, : L + i + 1], L + i, cfg=cfg)
-        out_ = forward(params, xp.asarray([[nxt]], dtype=xp.int64), xp.asarray([[L + i + 1]], dtype=xp.int64), m, cfg=cfg,
-                       cache=cache, start=L + i, last_only=True)
-        nxt = int(be.to_host(xp.argmax(out_[0, -1, :])))
+        state = advance(state, nxt)
+        nxt = xp.argmax(decode_step(params, state, cfg=cfg), axis=-1)
+        be.to_host(nxt)
         steps.append(time.perf_counter() - t4)
     return {"side": "npvlm", "load_s": t1 - t0, "image_s": t2 - t1, "first_token_s": t3 - t1, "tokens": L,
             "next_token": first, "decode_ms_per_token": 1e3 * min(steps), "peak_rss_mib": peak_rss_mib()}
@@ -91,7 +92,7 @@ def run_hf(d, out, last_only):
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
-    from npvlm.config import PaliGemmaConfig
+    from npvlm.models.paligemma_config import PaliGemmaConfig
 
     t0 = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()

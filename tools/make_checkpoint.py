@@ -305,7 +305,10 @@ def write_tokenizer(out_dir: str, vocab: int) -> int:
     """tokenizer.model (+ HF's tokenizer.json / tokenizer_config.json); returns the id of "<image>"."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
-        from make_tokenizer import train_tokenizer
+        try:
+            from tools.make_tokenizer import train_tokenizer  # imported from the repository root (tests)
+        except ImportError:
+            from make_tokenizer import train_tokenizer  # run as a script: tools/ is on sys.path
     finally:
         sys.path.pop(0)
     import sentencepiece as spm

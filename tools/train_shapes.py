@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from make_tokenizer import train_tokenizer  # noqa: E402
 
-from npvlm.shapes import detect_tasks, make_scene, tasks, task_kind  # noqa: E402
+from npvlm.demo.scenes import detect_tasks, make_scene, tasks, task_kind  # noqa: E402
 
 IMAGE_SIZE, PATCH = 128, 32  # PATCH is --patch
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
@@ -162,7 +162,7 @@ def patch_targets(scene):
     """
     from PIL import Image, ImageDraw
 
-    from npvlm.shapes import COLOURS, KINDS
+    from npvlm.demo.scenes import COLOURS, KINDS
 
     side = scene.width
     lab = Image.new("L", (side, side), 0)

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import npvlm  # noqa: E402
-from npvlm.shapes import make_scene, tasks  # noqa: E402
+from npvlm.demo.scenes import make_scene, tasks  # noqa: E402
 
 
 def main(argv=None):

@@ -11,8 +11,8 @@ References: Zhai et al. 2023 "Sigmoid Loss for Language Image Pre-Training"; Dos
 
 from __future__ import annotations
 
-from .config import VisionConfig
-from .nn import attention, layer_norm, linear, merge_heads, patch_embed, siglip_mlp, split_heads
+from .paligemma_config import VisionConfig
+from ..nn import attention, layer_norm, linear, merge_heads, patch_embed, siglip_mlp, split_heads
 
 
 def siglip_attention(x, q_proj, k_proj, v_proj, out_proj, *, n_heads):  # [B, N, Dv] -> [B, N, Dv]
@@ -27,8 +27,9 @@ def encoder_block(x, layer_norm1, self_attn, layer_norm2, mlp, *, cfg: VisionCon
     return x
 
 
-def vision_tower(pixels, embeddings, encoder, post_layernorm, *, cfg: VisionConfig, **unused_head):
-    """pixels [B, 3, S, S] -> patch features [B, N, Dv]. `params` = the `vision_model` subtree."""
+def vision_tower(pixels, embeddings, encoder, post_layernorm, *, cfg: VisionConfig):
+    """pixels [B, 3, S, S] -> patch features [B, N, Dv]. The keywords are the `vision_model` subtree
+    (PaliGemma's loader skips the pooling head, which the two-tower SigLIP model adds on top)."""
     x = patch_embed(pixels, **embeddings["patch_embedding"])  # [B, N, Dv]
     x = x + embeddings["position_embedding"]["weight"]  # + [N, Dv], patch p at row p
     for block in encoder["layers"]:

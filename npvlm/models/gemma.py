@@ -20,8 +20,8 @@ import math
 
 from array_api_compat import array_namespace
 
-from .config import TextConfig
-from .nn import attention, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
+from .paligemma_config import TextConfig
+from ..nn import attention, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
 
 
 def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]} -> [B, T, D]
@@ -33,13 +33,14 @@ def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]}
     return xp.reshape(e, (B, T, cfg.hidden_size)) * scale
 
 
-def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, start=0):
-    """[B, T, D] -> [B, T, D]; with a cache, the T new keys/values go in at `start` and all S are read."""
+def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, at=0):
+    """[B, T, D] -> [B, T, D]; with a cache, the T new keys/values are written `at` (see KVCache.update)
+    and the queries attend to what it returns."""
     q = rope(split_heads(linear(x, **q_proj), cfg.num_attention_heads), cos, sin)  # [B, H, T, E]
     k = rope(split_heads(linear(x, **k_proj), cfg.num_key_value_heads), cos, sin)  # [B, K, T, E]
     v = split_heads(linear(x, **v_proj), cfg.num_key_value_heads)  # [B, K, T, E]
     if cache is not None:
-        k, v = cache.update(layer, k, v, start)  # [B, K, S, E], keys cached after RoPE
+        k, v = cache.update(layer, k, v, at)  # [B, K, S, E], keys cached after RoPE
     o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping)  # [B, H, T, E]
     return linear(merge_heads(o), **o_proj)
 
@@ -59,13 +60,14 @@ def gemma2_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_l
     return x + rms_norm(m, **post_feedforward_layernorm, eps=eps)
 
 
-def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, start=0, **unused):
-    """h [B, T, D] embedded inputs, positions [B, T], masks {"full", "sliding"} additive [B, 1, T, S] -> [B, T, D]."""
+def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, at=0):
+    """h [B, T, D] embedded inputs, positions [B, T], masks {"full", "sliding"} additive [B, 1, T, S] -> [B, T, D].
+    `layers` and `norm` are the decoder's parameter subtrees (embed_tokens is read by embed and lm_head)."""
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, E] each
     layer_fn = gemma2_layer if cfg.is_gemma2 else gemma_layer
     for j, params in enumerate(layers):
         mask = masks["sliding"] if cfg.is_sliding(j) else masks["full"]
-        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, start=start)
+        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, at=at)
     return rms_norm(h, **norm, eps=cfg.rms_norm_eps)
 
 

@@ -1,11 +1,11 @@
-"""Checkpoint folders: single or sharded safetensors, keys renamed to one scheme, checked against the config.
+"""Checkpoint folders: single or sharded safetensors, keys renamed to one scheme, checked against a schema.
 
-Each file is read by weights_safetensors.py, which validates its header before mapping a byte; here
+This reader knows no model: the model family hands it a `Schema` (the tensors it needs, their
+shapes, how the file's names map to its own). Each file is read by safetensors_file.py, which validates its header before mapping a byte; here
 the shard index is checked (every shard present, inside the folder, each tensor in exactly one).
 
-Loading is two-phase: every header of every shard is read and checked, the keys are renamed to the
-hub layout of google/paligemma-3b-pt-224 (SPEC.md §12) and compared with the shapes config.json
-implies; only then is data mapped. F32 tensors are zero-copy read-only views of an mmap (the
+Loading is two-phase: every header of every shard is read and checked, the keys are renamed by the schema
+and compared with the shapes it implies; only then is data mapped. F32 tensors are zero-copy read-only views of an mmap (the
 arrays keep the map alive), so a 12 GB float32 checkpoint costs its size in page cache, not twice
 that in RSS. BF16 and F16 are widened to float32 on the host.
 """
@@ -15,17 +15,19 @@ from __future__ import annotations
 import os
 import re
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
-from .config import PaliGemmaConfig
-from .errors import CheckpointError
-from .weights_safetensors import (DTYPES, LFS_MAGIC, MAX_HEADER_BYTES, TensorInfo, _array, _fail, _load_json,  # noqa: F401
-                                  _map_file, _p, _q, read_safetensors, read_safetensors_header)
+from ..errors import CheckpointError
+from .files import LFS_MAGIC, lfs_pointer_message
+from .safetensors_file import (TensorInfo, _array, _fail, _load_json, _map_file, _p, _q,  # noqa: F401
+                               read_safetensors, read_safetensors_header)
 
 MAX_INDEX_BYTES = 100_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LM_HEAD = "language_model.lm_head.weight"  # optional: tied to embed_tokens, dropped at load
 WEIGHT_DTYPES = ("F32", "BF16", "F16")
 
 
@@ -56,7 +58,7 @@ def _read_index(model_dir, index_path) -> dict[str, str]:
     except OSError as e:
         raise _fail(index_path, f"cannot read ({e.strerror or e})") from None
     if raw.startswith(LFS_MAGIC):
-        raise _fail(index_path, "is a git-LFS pointer, not the index: run `git lfs pull` in the model folder")
+        raise _fail(index_path, lfs_pointer_message("shard index"))
     if len(raw) > MAX_INDEX_BYTES:
         raise _fail(index_path, f"larger than {MAX_INDEX_BYTES:,} bytes, not a shard index")
     index = _load_json(index_path, raw, "index")
@@ -128,88 +130,31 @@ def _sources(headers: dict[str, dict], wmap: dict[str, str] | None, where) -> di
 
 
 # ---------------------------------------------------------------------------------------------
-# Names and shapes
+# What the model family expects: a schema
 
 
-# (prefix, replacement): transformers >= 4.52 in-memory names -> the hub's file names; first match wins
-_RENAMES = (
-    ("model.language_model.", "language_model.model."),
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("lm_head.", "language_model.lm_head."),
-)
-_VISION = "vision_tower.vision_model."
+@dataclass(frozen=True)
+class Schema:
+    """What a model family needs from a checkpoint, in its own canonical names.
+
+    required   {name: shape} every tensor the model reads, in load order
+    optional   {name: shape} tensors that may be present (shape-checked) and are dropped (a tied head)
+    rename     file name -> canonical name, or None for a tensor to skip (a head the model never uses)
+    source     what the shapes come from, for messages ("config.json")
+    """
+
+    required: dict
+    optional: dict = field(default_factory=dict)
+    rename: "Callable[[str], str | None] | None" = None  # None: the file's names are the canonical ones
+    source: str = "config.json"
 
 
-def canonical_name(key: str, config: PaliGemmaConfig | None = None) -> str | None:
-    """The hub name (vision_tower.vision_model.* / language_model.model.* / multi_modal_projector.*) of
-    `key` in any supported scheme; None for a key to skip (the SigLIP pooling head, unless `config`
-    says vision_use_head=false, in which case its keys come back named and are reported unexpected)."""
-    for old, new in _RENAMES:
-        if key.startswith(old):
-            key = new + key[len(old) :]
-            break
-    if key.startswith("vision_tower.") and not key.startswith(_VISION):  # transformers 5 flat SigLIP
-        key = _VISION + key[len("vision_tower.") :]
-    if key.startswith(_VISION + "head.") and (config is None or config.vision.use_head):
-        return None
-    return key
-
-
-def _vision_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    v = config.vision
-    Dv, Fv, P = v.hidden_size, v.intermediate_size, v.patch_size
-    s = {
-        _VISION + "embeddings.patch_embedding.weight": (Dv, v.num_channels, P, P),
-        _VISION + "embeddings.patch_embedding.bias": (Dv,),
-        _VISION + "embeddings.position_embedding.weight": (v.num_patches, Dv),
-    }
-    for i in range(v.num_hidden_layers):
-        p = f"{_VISION}encoder.layers.{i}."
-        for norm in ("layer_norm1", "layer_norm2"):
-            s[p + norm + ".weight"] = s[p + norm + ".bias"] = (Dv,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            s[f"{p}self_attn.{proj}.weight"], s[f"{p}self_attn.{proj}.bias"] = (Dv, Dv), (Dv,)
-        s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"] = (Fv, Dv), (Fv,)
-        s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"] = (Dv, Fv), (Dv,)
-    s[_VISION + "post_layernorm.weight"] = s[_VISION + "post_layernorm.bias"] = (Dv,)
-    return s
-
-
-def _text_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    t = config.text
-    D, F, H, K, E = t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
-    norms = ["input_layernorm", "post_attention_layernorm"]
-    if t.is_gemma2:
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    s = {"language_model.model.embed_tokens.weight": (t.vocab_size, D)}
-    for j in range(t.num_hidden_layers):
-        p = f"language_model.model.layers.{j}."
-        for norm in norms:
-            s[f"{p}{norm}.weight"] = (D,)
-        s[p + "self_attn.q_proj.weight"] = (H * E, D)
-        s[p + "self_attn.k_proj.weight"] = s[p + "self_attn.v_proj.weight"] = (K * E, D)
-        s[p + "self_attn.o_proj.weight"] = (D, H * E)
-        s[p + "mlp.gate_proj.weight"] = s[p + "mlp.up_proj.weight"] = (F, D)
-        s[p + "mlp.down_proj.weight"] = (D, F)
-    s["language_model.model.norm.weight"] = (D,)
-    return s
-
-
-def expected_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Every required weight (hub names) and its shape; the tied lm_head is not required."""
-    Dv = config.vision.hidden_size
-    proj = {"multi_modal_projector.linear.weight": (config.projection_dim, Dv),
-            "multi_modal_projector.linear.bias": (config.projection_dim,)}
-    return {**_vision_shapes(config), **proj, **_text_shapes(config)}
-
-
-def _canonical_sources(sources, config, where) -> dict[str, tuple[str, str, TensorInfo]]:
+def _canonical_sources(sources, schema: Schema, where) -> dict[str, tuple[str, str, TensorInfo]]:
     """{canonical name: (raw name, file, info)}; two raw names for one canonical name is an error."""
     out: dict[str, tuple[str, str, TensorInfo]] = {}
     clashes = []
     for raw, (path, info) in sources.items():
-        canon = canonical_name(raw, config)
+        canon = schema.rename(raw) if schema.rename else raw
         if canon is None:
             continue
         if canon in out:
@@ -220,12 +165,12 @@ def _canonical_sources(sources, config, where) -> dict[str, tuple[str, str, Tens
     return out
 
 
-def _check_against_config(found, config: PaliGemmaConfig, where) -> None:
+def _check_against_schema(found, schema: Schema, where) -> None:
     """One error listing every missing, unexpected, mis-shaped and wrongly typed weight."""
-    want = dict(expected_shapes(config), **{LM_HEAD: (config.text.vocab_size, config.text.hidden_size)})
-    missing = [k for k in want if k not in found and k != LM_HEAD]
+    want = {**schema.required, **schema.optional}
+    missing = [k for k in schema.required if k not in found]
     unexpected = [_q(raw) for k, (raw, _, _) in found.items() if k not in want]
-    shapes = [f"{k} {list(t.shape)} (config.json implies {list(want[k])})"
+    shapes = [f"{k} {list(t.shape)} ({schema.source} implies {list(want[k])})"
               for k, (_, _, t) in found.items() if k in want and t.shape != want[k]]
     dtypes = [f"{k} is {t.dtype}" for k, (_, _, t) in found.items() if k in want and t.dtype not in WEIGHT_DTYPES]
     problems = [f"{len(missing)} missing: {_short(missing)}" if missing else "",
@@ -233,23 +178,25 @@ def _check_against_config(found, config: PaliGemmaConfig, where) -> None:
                 f"{len(shapes)} with the wrong shape: {_short(shapes, 4)}" if shapes else "",
                 f"{len(dtypes)} not F32/BF16/F16: {_short(dtypes, 4)}" if dtypes else ""]
     if any(problems):
-        raise CheckpointError(f"{_p(where)}: weights do not match config.json: " + "; ".join(p for p in problems if p))
+        raise CheckpointError(f"{_p(where)}: weights do not match {schema.source}: " + "; ".join(p for p in problems if p))
 
 
-def load_weights(model_dir, config: PaliGemmaConfig, *, progress=None) -> dict[str, np.ndarray]:
-    """The model's weights as {hub name: float32 host array}, or a CheckpointError; never half a model.
+def load_weights(model_dir, schema: Schema, *, progress=None) -> dict[str, np.ndarray]:
+    """The model's weights as {canonical name: float32 host array}, or a CheckpointError; never half a model.
 
-    Every header is validated and the key set and shapes are checked against `config` before any
-    tensor data is mapped. `progress(done_bytes, total_bytes, filename)` is called after each tensor.
+    Every header is validated and the key set and shapes are checked against the model family's
+    `schema` before any tensor data is mapped. `progress(done_bytes, total_bytes, filename)` is
+    called after each tensor.
     """
     files, wmap = _locate(model_dir)
     headers = {path: read_safetensors_header(path) for path in files}
-    found = _canonical_sources(_sources(headers, wmap, model_dir), config, model_dir)
-    _check_against_config(found, config, model_dir)
-    found.pop(LM_HEAD, None)  # tied to embed_tokens: its shape was checked, its data is not needed
+    found = _canonical_sources(_sources(headers, wmap, model_dir), schema, model_dir)
+    _check_against_schema(found, schema, model_dir)
+    for name in schema.optional:
+        found.pop(name, None)  # e.g. a head tied to the embedding: its shape was checked, its data is not needed
     total = sum(t.nbytes for _, _, t in found.values())
     done, out, maps = 0, {}, {}
-    for canon in expected_shapes(config):
+    for canon in schema.required:
         raw, path, info = found[canon]
         if path not in maps:
             maps[path] = _map_file(path)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, ImageError
-from .jsonfile import read_json_object
+from ..errors import ConfigError, ImageError
+from .files import read_json_object
 
 # Pillow plugin names. JPEG includes camera MPO files (the JPEG opener returns them); PPM covers PBM/PGM/PNM.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -129,12 +129,6 @@ class ImageProcessorConfig:
     def preprocess(self, image, *, exif: bool = True) -> np.ndarray:
         return preprocess(image, self.size, mean=self.mean, std=self.std, rescale_factor=self.rescale_factor,
                           resample=self.resample, exif=exif)
-
-
-def image_settings(model_dir, default_size: int) -> dict:
-    """ImageProcessorConfig.from_dir as a dict of preprocess's arguments: preprocess(img, **settings)."""
-    c = ImageProcessorConfig.from_dir(model_dir, default_size)
-    return dict(size=c.size, mean=c.mean, std=c.std, rescale_factor=c.rescale_factor, resample=c.resample)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -5,12 +5,32 @@ from __future__ import annotations
 import math
 import os
 
-from .config import PaliGemmaConfig
-from .weights import checkpoint_files, expected_shapes, read_safetensors_header
+import json
+
+from ..io.checkpoint import checkpoint_files, read_safetensors_header
+from ..models.paligemma_config import PaliGemmaConfig
+from ..models.paligemma_schema import expected_shapes
+
+
+def add_parser(sub):
+    i = sub.add_parser("info", help="describe a model folder without loading its weights")
+    i.add_argument("--model", "-m", metavar="DIR", default=None, help="model folder (default: the embedded shapes model)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return i
+
+
+def run(args) -> int:
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:<24} {v}")
+    return 0
 
 
 def describe(model_dir: str | None = None, extra_tokens: int = 128) -> dict:
-    from .model import EMBEDDED_MODEL
+    from ..api import EMBEDDED_MODEL
 
     model_dir = model_dir or EMBEDDED_MODEL
     cfg = PaliGemmaConfig.from_dir(model_dir)

@@ -12,12 +12,11 @@ N image tokens (patches), P patch size, S image side.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from .errors import ConfigError
-from .jsonfile import read_json_object
+from ..errors import ConfigError, show
+from ..io.files import bad_number, check_numbers, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("paligemma",)
 SUPPORTED_TEXT_TYPES = ("gemma", "gemma2")
@@ -43,10 +42,6 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:  # N = (S / P)^2 image tokens, no CLS token
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,6 @@ class PaliGemmaConfig:
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1,)
     pad_token_id: int = 0
-    dtype: str = "float32"  # the dtype the config says the weights were saved in (informational)
 
     @property
     def num_image_tokens(self) -> int:
@@ -125,7 +119,6 @@ class PaliGemmaConfig:
                 bos_token_id=int(d.get("bos_token_id", tc.get("bos_token_id", 2))),
                 eos_token_ids=eos,
                 pad_token_id=int(d.get("pad_token_id", tc.get("pad_token_id", 0)) or 0),
-                dtype=str(d.get("dtype", d.get("torch_dtype", tc.get("dtype", tc.get("torch_dtype", "float32"))))),
             )
         except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"{where}: malformed value ({e})") from None
@@ -188,53 +181,45 @@ class PaliGemmaConfig:
                  f"text_config.sliding_window must be a positive integer or null, got {t.sliding_window}")
 
 
+# HF's defaults for a key absent from config.json live once: in the dataclass fields above (SiglipVisionConfig's
+# and GemmaConfig's), plus what differs for Gemma 2, plus what PaliGemmaConfig puts in a missing sub-config.
+_GEMMA2_DEFAULTS = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, sliding_window=4096)
+_PALIGEMMA_VISION = dict(hidden_size=1152, intermediate_size=4096, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=224, patch_size=14, vision_use_head=False)  # So400m/14 at 224
+_PALIGEMMA_TEXT = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                       num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)  # Gemma 2B
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in fields(cls)}
+
+
 def _vision_from_hf(vc, where) -> VisionConfig:
-    if vc is None:  # HF PaliGemmaConfig's own vision defaults (So400m/14 at 224)
-        return VisionConfig(hidden_size=1152, intermediate_size=4096, num_hidden_layers=27, num_attention_heads=16,
-                            image_size=224, patch_size=14, use_head=False)
+    vc = dict(_PALIGEMMA_VISION) if vc is None else vc
     if not isinstance(vc, dict):
         raise ConfigError(f"{where}: vision_config must be an object")
     mt = vc.get("model_type", "siglip_vision_model")
     if mt not in SUPPORTED_VISION_TYPES:
         raise ConfigError(f"{where}: vision_config.model_type {_q(mt)} is not supported (supported: {', '.join(SUPPORTED_VISION_TYPES)})")
     _check_numbers(vc, "vision_config", where)
-    d = VisionConfig()
-    return VisionConfig(
-        hidden_size=int(vc.get("hidden_size", d.hidden_size)),
-        intermediate_size=int(vc.get("intermediate_size", d.intermediate_size)),
-        num_hidden_layers=int(vc.get("num_hidden_layers", d.num_hidden_layers)),
-        num_attention_heads=int(vc.get("num_attention_heads", d.num_attention_heads)),
-        num_channels=int(vc.get("num_channels", d.num_channels)),
-        image_size=int(vc.get("image_size", d.image_size)),
-        patch_size=int(vc.get("patch_size", d.patch_size)),
-        layer_norm_eps=float(vc.get("layer_norm_eps", d.layer_norm_eps)),
-        hidden_act=str(vc.get("hidden_act", d.hidden_act)),
-        use_head=bool(vc.get("vision_use_head", d.use_head)),
-    )
-
-
-# HF's defaults per decoder type, for keys absent from text_config
-_TEXT_DEFAULTS = {
-    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=16, head_dim=256),
-    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
-}
+    g = _defaults(VisionConfig)
+    g.update({k: vc[k] for k in g if k in vc})
+    g["use_head"] = vc.get("vision_use_head", g["use_head"])
+    return VisionConfig(**{k: type(default)(g[k]) for k, default in _defaults(VisionConfig).items()})
 
 
 def _text_from_hf(tc, where) -> TextConfig:
-    if tc is None:  # HF PaliGemmaConfig's own text defaults (Gemma 2B)
-        tc = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
-                  num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
+    tc = dict(_PALIGEMMA_TEXT) if tc is None else tc
     if not isinstance(tc, dict):
         raise ConfigError(f"{where}: text_config must be an object")
     mt = tc.get("model_type", "gemma")
     if mt not in SUPPORTED_TEXT_TYPES:
         raise ConfigError(f"{where}: text_config.model_type {_q(mt)} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})")
     _check_numbers(tc, "text_config", where)
-    g = dict(_TEXT_DEFAULTS[mt])
-    g.update({k: tc[k] for k in tc if k in g or k in ("rms_norm_eps", "max_position_embeddings")})
+    g = {**_defaults(TextConfig), **(_GEMMA2_DEFAULTS if mt == "gemma2" else {})}
+    g.update({k: tc[k] for k in tc if k in g})
     for key in ("rope_parameters", "rope_scaling"):  # transformers 5 / 4 names; only plain RoPE is implemented
         r = tc.get(key) or {}
         if not isinstance(r, dict):
@@ -243,7 +228,7 @@ def _text_from_hf(tc, where) -> TextConfig:
         if kind != "default":
             raise ConfigError(f"{where}: text_config.{key}.rope_type {_q(kind)} is not supported (supported: default)")
     rope = tc.get("rope_parameters") or {}
-    if "rope_theta" in rope and _bad_number(rope["rope_theta"], integer=False):
+    if "rope_theta" in rope and bad_number(rope["rope_theta"], integer=False):
         raise ConfigError(f"{where}: text_config.rope_parameters.rope_theta must be a finite number, got {_q(rope['rope_theta'])}")
     theta = tc.get("rope_theta", rope.get("rope_theta", 10000.0))
     act = tc.get("hidden_activation") or tc.get("hidden_act") or "gelu_pytorch_tanh"
@@ -266,9 +251,9 @@ def _text_from_hf(tc, where) -> TextConfig:
         num_attention_heads=int(g["num_attention_heads"]),
         num_key_value_heads=int(g["num_key_value_heads"]),
         head_dim=int(g["head_dim"] if g.get("head_dim") is not None else _div(g["hidden_size"], g["num_attention_heads"])),
-        rms_norm_eps=float(g.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(g["rms_norm_eps"]),
         rope_theta=float(theta),
-        max_position_embeddings=int(g.get("max_position_embeddings", 8192)),
+        max_position_embeddings=int(g["max_position_embeddings"]),
         hidden_act=str(act),
         query_pre_attn_scalar=float(g["query_pre_attn_scalar"]) if gemma2 else None,
         attn_logit_softcapping=none_if_zero(g.get("attn_logit_softcapping")) if gemma2 else None,
@@ -299,35 +284,15 @@ _FLOAT_KEYS = {
 _NULLABLE = ("head_dim", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping", "pad_token_id")
 
 
-def _bad_number(v, integer: bool) -> bool:
-    """Not a JSON number (bools and strings are not), not finite, or (for an integer key) not a whole number."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return True
-    if isinstance(v, int):  # no size or token id is near 2**63; a float() of over 1e308 overflows
-        return abs(v) > (1 << 63 if integer else 1e308)
-    return not math.isfinite(v) or (integer and not v.is_integer())
-
-
 def _check_numbers(d: dict, section: str, where: str) -> None:
     """The numeric keys of one section of config.json hold numbers; the error names the key and the value."""
     prefix = f"{section}." if section else ""
-    for key in _INT_KEYS[section] + _FLOAT_KEYS[section]:
-        if key not in d or (d[key] is None and key in _NULLABLE):
-            continue
-        integer = key in _INT_KEYS[section]
-        if _bad_number(d[key], integer):
-            kind = "an integer" if integer else "a finite number"
-            raise ConfigError(f"{where}: {prefix}{key} must be {kind}, got {_q(d[key])}")
+    check_numbers(d, _INT_KEYS[section], _FLOAT_KEYS[section], _NULLABLE, where, ConfigError, prefix)
     if section != "vision_config" and "eos_token_id" in d:
         eos = d["eos_token_id"]
-        if any(_bad_number(e, integer=True) for e in (eos if isinstance(eos, list) else [eos])):
+        if any(bad_number(e, integer=True) for e in (eos if isinstance(eos, list) else [eos])):
             raise ConfigError(f"{where}: {prefix}eos_token_id must be an integer or a list of integers, got {_q(eos)}")
 
 
-def _q(v, limit: int = 60) -> str:
-    """repr() of a value from the file, cut short so that messages stay one line."""
-    try:
-        r = repr(v)
-    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
-        r = f"<{type(v).__name__} too long to print>"
-    return r if len(r) <= limit else r[: limit - 4] + "..." + r[-1]
+def _q(v) -> str:
+    return show(v)

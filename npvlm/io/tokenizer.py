@@ -12,8 +12,8 @@ What HF does on top of the raw model, and npvlm copies:
     special and "<image>" (the processor makes it special); "<locNNNN>"/"<segNNN>" stay as text. Runs
     of byte-fallback pieces that are not valid UTF-8 become one U+FFFD *per byte* (HF's ByteFallback),
     and ids outside the vocabulary are skipped, as HF does.
-  * the prompt is "<image>"*N + "<bos>" + prompt + "\\n" tokenized as one string (the "\\n" is part
-    of the prompt's text, not a separate encode), and a suffix is suffix + "<eos>" (token type 1).
+The prompt's layout ("<image>"*N <bos> prompt "\\n" [suffix <eos>]) is the model's business:
+npvlm/models/paligemma_inputs.py.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ import os
 import re
 import warnings
 
-from .errors import TokenizerError
-from .jsonfile import read_json_object
-
-LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
+from ..errors import TokenizerError
+from .files import read_bytes, read_json_object
+from .spm_proto import modelproto_problem
 IMAGE_TOKEN = "<image>"
-LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
-SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
 _HF_NAMED_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # GemmaTokenizer's own special tokens
 _MAX_FILE = 1 << 30  # refuse to read a "tokenizer" over 1 GiB
 
@@ -59,11 +56,8 @@ class Tokenizer:
         self.vocab_size: int = max([backend.size] + [i + 1 for i in self._added])
         self.bos_id = self._named_id("<bos>", backend.bos_id)
         self.eos_id = self._named_id("<eos>", backend.eos_id)
-        self.pad_id = self._named_id("<pad>", backend.pad_id)
         if self.bos_id is None or self.eos_id is None:
             raise TokenizerError(f"{path}: no <bos>/<eos> token; not a Gemma/PaliGemma tokenizer")
-        self.loc_ids = self._ids_of(LOC_TOKENS)
-        self.seg_ids = self._ids_of(SEG_TOKENS)
         # what decode(skip_special_tokens=True) drops
         special = set(backend.special_ids) | {i for i, (_, sp) in self._added.items() if sp}
         special |= {i for i in (self.piece_to_id(t) for t in _HF_NAMED_SPECIAL) if i is not None}
@@ -129,14 +123,10 @@ class Tokenizer:
         i = self.piece_to_id(name)
         return i if i is not None else default
 
-    def _ids_of(self, names) -> tuple[int, ...]:
-        ids = [self.piece_to_id(t) for t in names]
-        return tuple(ids) if all(i is not None for i in ids) else ()
-
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text) -> list[int]:
         """Token ids of `text`, without <bos>/<eos>; special tokens written in the text are single ids."""
-        text = _as_text(text, "text")
+        text = as_text(text, "text")
         if self._split_re is None:
             return self._b.encode(text)
         ids, pos = [], 0
@@ -160,31 +150,7 @@ class Tokenizer:
         return self._b.decode(keep, self._added)
 
 
-def build_prompt_ids(tok: Tokenizer, prompt, num_image_tokens: int, suffix=None) -> tuple[list[int], list[int]]:
-    """(input_ids, token_type_ids) as HF's PaliGemmaProcessor (SPEC.md §8).
-
-    input_ids = [<image>]*N + [<bos>] + encode(prompt + "\\n") [+ encode(suffix) + [<eos>]];
-    token_type_ids are 0 for the prefix and 1 for the suffix and its <eos>.
-    """
-    prompt = _as_text(prompt, "prompt")
-    if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 0:
-        raise TokenizerError(f"num_image_tokens must be a non-negative int, got {num_image_tokens!r}")
-    if tok.image_id is None and num_image_tokens:
-        raise TokenizerError(f"{tok.path}: no {IMAGE_TOKEN} token (pass image_token_id= from config.json to Tokenizer.from_dir)")
-    for name, text in (("prompt", prompt), ("suffix", suffix)):
-        k = -1 if text is None or not isinstance(text, str) else text.find(IMAGE_TOKEN)
-        if k >= 0:
-            raise TokenizerError(f"{name} contains {IMAGE_TOKEN} at offset {k}: npvlm adds the image tokens itself")
-    ids = [tok.image_id] * num_image_tokens + [tok.bos_id] + tok.encode(prompt + "\n")
-    types = [0] * len(ids)
-    if suffix is not None:
-        s = tok.encode(_as_text(suffix, "suffix")) + [tok.eos_id]
-        ids += s
-        types += [1] * len(s)
-    return ids, types
-
-
-def _as_text(text, what: str) -> str:
+def as_text(text, what: str) -> str:
     """str as is, UTF-8 bytes decoded; anything else, bad bytes or lone surrogates -> TokenizerError."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         raw = bytes(text)
@@ -219,19 +185,7 @@ def _hf_byte_fallback_join(pieces) -> str:
 
 
 def _read_file(path: str, what: str) -> bytes:
-    try:
-        size = os.path.getsize(path)
-        if size > _MAX_FILE:
-            raise TokenizerError(f"{path}: {size} bytes, too large for a {what}")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
-    if data.startswith(LFS_MAGIC):
-        raise TokenizerError(f"{path}: is a git-LFS pointer, not the {what}; run `git lfs pull` (install git-lfs) in the model folder")
-    if not data:
-        raise TokenizerError(f"{path}: empty file")
-    return data
+    return read_bytes(path, what, TokenizerError, limit=_MAX_FILE)
 
 
 def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
@@ -261,7 +215,6 @@ class _SentencePiece:
         self.sp, self.path, self.size = sp, path, sp.get_piece_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
         ctrl = [i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)]
         self.special_ids = frozenset(ctrl)
         self.split_tokens = {sp.id_to_piece(i): i for i in ctrl}  # HF matches these in text; SentencePiece does not
@@ -271,7 +224,7 @@ class _SentencePiece:
     @classmethod
     def load(cls, path):
         data = _read_file(path, "SentencePiece model")
-        problem = _modelproto_problem(data)
+        problem = modelproto_problem(data)
         if problem:
             raise TokenizerError(f"{path}: could not parse ModelProto: {problem}")
         try:
@@ -315,7 +268,7 @@ class _HFTokenizers:
     def __init__(self, tk, path):
         self.tk, self.path = tk, path
         self.size = tk.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self.eos_id = self.pad_id = None  # found by name
+        self.bos_id = self.eos_id = None  # found by name
         self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
         self.split_tokens = {}  # the library matches its added tokens itself
         self.split_added = False
@@ -367,49 +320,3 @@ class _HFTokenizers:
             else:
                 run.append(i)
         return "".join(out)
-
-
-def _modelproto_problem(data: bytes) -> str | None:
-    """Why `data` is not a SentencePiece ModelProto (None if its top-level records look right).
-
-    A ModelProto is a protobuf of length-delimited fields 1 (pieces), 2 (trainer_spec),
-    3 (normalizer_spec), 4 (self_test_data), 5 (denormalizer_spec), written in that order.
-    """
-    if data[:1] == b"{":
-        return "this is JSON (a tokenizer.json renamed?), not a SentencePiece model"
-    head = data[:64]
-    if re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", head):
-        return "this is a tiktoken-style BPE file (lines of 'base64 rank', e.g. Llama 3), not a SentencePiece model"
-    pos, n, seen = 0, len(data), set()
-    while pos < n:
-        start = pos
-        tag, pos = _varint(data, pos)
-        if tag is None:
-            return f"truncated file ({n} bytes): a record header at byte {start} is cut off"
-        field, wire = tag >> 3, tag & 7
-        if wire != 2 or not 1 <= field <= 5:
-            if start == 0:
-                return "not a SentencePiece model (its first bytes are not a ModelProto record)"
-            return f"not a SentencePiece model, or corrupt: unexpected record (field {field}, wire type {wire}) at byte {start}"
-        length, pos = _varint(data, pos)
-        if length is None or pos + length > n:
-            return f"truncated file ({n} bytes): the record at byte {start} runs past the end"
-        pos += length
-        seen.add(field)
-    if 1 not in seen:
-        return "not a SentencePiece model (no pieces)"
-    if 3 not in seen:
-        return f"truncated file ({n} bytes): it ends before the normalizer_spec record"
-    return None
-
-
-def _varint(data: bytes, pos: int):
-    value, shift = 0, 0
-    while pos < len(data) and shift < 64:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-    return None, pos

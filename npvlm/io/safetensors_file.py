@@ -13,7 +13,6 @@ are widened to float32 on the host.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -21,10 +20,10 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError, show, show_path
+from .files import LFS_MAGIC, lfs_pointer_message, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference's cap on N
-LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 # safetensors dtype -> (bytes per element, little-endian NumPy dtype; None where NumPy has none)
 DTYPES = {
     "F64": (8, "<f8"), "F32": (4, "<f4"), "F16": (2, "<f2"), "BF16": (2, None),
@@ -50,52 +49,21 @@ class TensorInfo(NamedTuple):
 # One file: header validation and mapping
 
 
-def _q(x, limit: int = 80) -> str:
-    """repr() of a value from the file, cut short: error messages stay on one line."""
-    r = repr(x)
-    return r if len(r) <= limit else r[: limit - 4] + "..." + r[-1]
+def _q(x) -> str:
+    return show(x, 80)
 
 
 def _p(path) -> str:
-    s = os.fspath(path)
-    return s if s.isprintable() else repr(s)
+    return show_path(path)
 
 
 def _fail(path, msg: str) -> CheckpointError:
-    return CheckpointError(f"{_p(path)}: {msg}")
-
-
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _Duplicate(k)
-        d[k] = v
-    return d
-
-
-class _Duplicate(Exception):
-    pass
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
+    return CheckpointError(f"{show_path(path)}: {msg}")
 
 
 def _load_json(path, raw: bytes, what: str):
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity; any failure is one CheckpointError."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _fail(path, f"{what} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except _Duplicate as e:
-        raise _fail(path, f"{what} has the key {_q(e.args[0])} twice") from None
-    except json.JSONDecodeError as e:
-        raise _fail(path, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # NaN, 5000-digit ints, 100k nested brackets
-        raise _fail(path, f"{what} is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    """Strict JSON (UTF-8, no duplicate keys, no NaN/Infinity); any failure is one CheckpointError."""
+    return parse_json(raw, path, what, CheckpointError, strict=True)
 
 
 def _json_type(x) -> str:
@@ -158,7 +126,7 @@ def _check_layout(path, infos: dict[str, TensorInfo], base: int, size: int) -> N
 def _parse_header(path, size: int, read_at: Callable[[int, int], bytes]):
     """Validate the header of a `size`-byte file; return ({name: TensorInfo}, metadata)."""
     if read_at(0, len(LFS_MAGIC)) == LFS_MAGIC:
-        raise _fail(path, "is a git-LFS pointer, not the weights: run `git lfs pull` in the model folder")
+        raise _fail(path, lfs_pointer_message("weights"))
     if size < 8:
         raise _fail(path, f"file is {size} bytes, too short for the 8-byte header length of a safetensors file")
     (n,) = struct.unpack("<Q", read_at(0, 8))

@@ -1,0 +1,126 @@
+"""The object a user holds: `npvlm.load(model_dir)` -> `PaliGemmaModel`.
+
+It owns the config, the parameter tree on the chosen backend, the tokenizer and the image
+processor settings, and runs the straight line from inputs to outputs:
+
+    images -> load_images -> pixel_batch -> image_features ─┐
+    prompts -> prepare_prompts ─────────────────────────────┴-> generate_tokens -> collect / stream_text
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .backends import get_backend
+from .errors import ConfigError, GenerationError
+from .generation.generate import Sampling, collect, finish_stats, generate_tokens, stream_text
+from .io.checkpoint import load_weights, unflatten
+from .io.images import ImageProcessorConfig
+from .io.tokenizer import Tokenizer
+from .models.paligemma import forward, image_features, prefix_lm_masks
+from .models.paligemma_config import PaliGemmaConfig
+from .models.paligemma_inputs import load_images, pixel_batch, prepare_prompts
+from .models.paligemma_schema import paligemma_schema
+
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes_model")
+
+
+def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> "PaliGemmaModel":
+    """Load an HF PaliGemma model folder (config.json, *.safetensors, tokenizer) onto `backend`.
+
+    With no folder, the small shapes model that ships inside npvlm is loaded. Everything is
+    checked (config, tokenizer, every tensor name and shape) before any weight is mapped.
+    """
+    t0 = time.perf_counter()
+    model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
+    be = get_backend(backend)
+    cfg = PaliGemmaConfig.from_dir(model_dir)
+    tok = Tokenizer.from_dir(model_dir, image_token_id=cfg.image_token_index)
+    if tok.image_id is not None and tok.image_id != cfg.image_token_index:
+        raise ConfigError(f"{model_dir}: the tokenizer's <image> id {tok.image_id} differs from config.json's "
+                          f"image_token_index {cfg.image_token_index}")
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise ConfigError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                          f"{cfg.text.vocab_size}")
+    processor = ImageProcessorConfig.from_dir(model_dir, cfg.vision.image_size)
+    flat = load_weights(model_dir, paligemma_schema(cfg), progress=progress)
+    params = unflatten({k: be.asarray(v) for k, v in flat.items()})
+    be.synchronize()
+    return PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
+
+
+class PaliGemmaModel:
+    def __init__(self, config: PaliGemmaConfig, params: dict, backend, tokenizer: Tokenizer,
+                 processor: ImageProcessorConfig, model_dir: str | None = None, load_seconds: float = 0.0):
+        self.config, self.params, self.backend, self.tokenizer = config, params, backend, tokenizer
+        self.processor = processor  # image size, mean, std, ... from preprocessor_config.json
+        self.model_dir, self.load_seconds = model_dir, load_seconds
+        self.stop_ids = frozenset(config.eos_token_ids) | {tokenizer.eos_id}  # generation ends at any of these
+
+    def __repr__(self):
+        t, v = self.config.text, self.config.vision
+        return (f"<PaliGemmaModel {t.model_type} {t.num_hidden_layers}x{t.hidden_size}, SigLIP {v.num_hidden_layers}x"
+                f"{v.hidden_size} @ {v.image_size}px, {self.config.num_image_tokens} image tokens, backend {self.backend.name}>")
+
+    def encode_images(self, rgb):  # upright RGB PIL images -> image features on the device [B, N, D]
+        return image_features(pixel_batch(rgb, self.processor, self.backend), self.params, cfg=self.config)
+
+    def logits(self, image, prompt: str, suffix: str | None = None, *, exif=True):
+        """Logits over the whole sequence `<image>*N <bos> prompt "\\n" [suffix <eos>]`: host float32 [L, V]."""
+        batch = prepare_prompts(self.tokenizer, self.config, self.backend, [prompt], [suffix])
+        feats = self.encode_images(load_images([image], exif=exif))
+        masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=self.config)
+        out = forward(self.params, batch.ids, batch.positions, masks, cfg=self.config, image_slot=batch.image_slot,
+                      feats=feats)
+        return self.backend.to_host(out[0, ...])
+
+    def generate(self, image, prompt, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None, exif=True):
+        """One image + prompt -> GenerationResult; lists of images and prompts -> a list (a left-padded batch)."""
+        images, prompts, batched = _as_batch(image, prompt)
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        steps, stats = self._run(images, prompts, sampling, exif)
+        results = collect(steps, self.tokenizer, self.stop_ids, prompts, stats["image_sizes"], stats)
+        finish_stats(stats, self.backend, self.load_seconds)
+        return results if batched else results[0]
+
+    def stream(self, image, prompt: str, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+               exif=True):
+        """Yield text pieces as tokens arrive; the last item is the full GenerationResult.
+        The parameters are checked at the call, before the first item is asked for."""
+        if isinstance(image, (list, tuple)) or isinstance(prompt, (list, tuple)):
+            raise GenerationError("stream() takes one image and one prompt; use generate() for a batch")
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        return self._stream(image, prompt, sampling, exif)
+
+    def _stream(self, image, prompt, sampling, exif):
+        steps, stats = self._run([image], [prompt], sampling, exif)
+        for item in stream_text(steps, self.tokenizer, self.stop_ids, prompt, stats["image_sizes"][0], stats):
+            if not isinstance(item, str):
+                finish_stats(stats, self.backend, self.load_seconds)
+            yield item
+
+    def _run(self, images, prompts, sampling: Sampling, exif):
+        """The prompts checked and laid out, the images encoded: (the token-step iterator, its stats)."""
+        batch = prepare_prompts(self.tokenizer, self.config, self.backend, prompts, max_new_tokens=sampling.max_new_tokens)
+        t0 = time.perf_counter()
+        rgb = load_images(images, exif=exif)
+        feats = self.encode_images(rgb)  # [B, N, D]
+        self.backend.synchronize()
+        stats = {"image_sizes": [im.size for im in rgb], "image_seconds": time.perf_counter() - t0}
+        return generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats), stats
+
+
+def _as_batch(image, prompt):
+    """(images, prompts, batched): a batch only when both are lists (or tuples) of the same length."""
+    many = lambda x: isinstance(x, (list, tuple))  # noqa: E731
+    if not many(prompt):
+        if many(image):
+            raise GenerationError(f"{len(image)} images for 1 prompt: give a list of prompts, one per image")
+        return [image], [prompt], False
+    images = list(image) if many(image) else [image]
+    if len(images) != len(prompt):
+        raise GenerationError(f"{len(images)} images for {len(prompt)} prompts: give one image per prompt")
+    if not prompt:
+        raise GenerationError("no prompts: a batch needs at least one image and prompt")
+    return images, list(prompt), True

@@ -3,6 +3,7 @@
     python tools/bench.py decode-flat            # time per decoded token at position 30 vs 300 (KV cache)
     python tools/bench.py vs-hf [--preset mid]   # npvlm vs HF transformers on the same checkpoint
     python tools/bench.py vs-hf --backend cupy   # the same on a GPU (torch on CUDA as the reference)
+    python tools/bench.py ab --against DIR       # this checkout vs another checkout of npvlm, same run
 
 Checkpoints are random, written by tools/make_checkpoint.py into a temp folder (or --dir).
 """
@@ -148,16 +149,68 @@ def cmd_vs_hf(a):
     return res
 
 
+AB_WORKER = r"""
+import sys, json, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np, PIL.Image
+import npvlm
+model = npvlm.load(sys.argv[2])
+img = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+model.generate(img, "caption en", max_new_tokens=2)  # warm-up
+for line in sys.stdin:
+    st = model.generate(img, "caption en", max_new_tokens=int(line)).stats
+    steps = max(st["new_tokens"] - 1, 1)
+    print(json.dumps({"first_token_s": st["image_seconds"] + st["prefill_seconds"],
+                      "ms_per_token": 1e3 * st["decode_seconds"] / steps, "load": open("/proc/loadavg").read().split()[0]}),
+          flush=True)
+"""
+
+
+def cmd_ab(a):
+    """Two checkouts, each in its own persistent process on the same checkpoint, taking turns round by round
+    (so both see the same machine load); medians over the rounds. Only the public API is used on both sides."""
+    import subprocess
+
+    d = checkpoint(a.preset, a.dir)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = {"this": here, "other": os.path.abspath(a.against)}
+    procs = {k: subprocess.Popen([sys.executable, "-c", AB_WORKER, root, d], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for k, root in sides.items()}
+    rows = {k: [] for k in sides}
+    try:
+        for r in range(a.rounds):
+            for k in (("this", "other") if r % 2 == 0 else ("other", "this")):  # alternate who goes first
+                procs[k].stdin.write(f"{a.new_tokens}\n")
+                procs[k].stdin.flush()
+                rows[k].append(json.loads(procs[k].stdout.readline()))
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("first_token_s", "ms_per_token")} for k, v in rows.items()}
+    res = {"preset": a.preset, "rounds": a.rounds, "new_tokens": a.new_tokens, "other_checkout": sides["other"],
+           "median_this": med["this"], "median_other": med["other"],
+           "decode_other_over_this": med["other"]["ms_per_token"] / med["this"]["ms_per_token"],
+           "first_token_other_over_this": med["other"]["first_token_s"] / med["this"]["first_token_s"]}
+    print(f"{a.rounds} alternating rounds, {a.preset}, {a.new_tokens} new tokens; medians")
+    print(f"{'':<16}{'this':>12}{'other':>12}{'other/this':>12}")
+    for m in ("first_token_s", "ms_per_token"):
+        print(f"{m:<16}{med['this'][m]:>12.4f}{med['other'][m]:>12.4f}{med['other'][m] / med['this'][m]:>12.3f}")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["decode-flat", "vs-hf"])
+    ap.add_argument("what", choices=["decode-flat", "vs-hf", "ab"])
+    ap.add_argument("--against", help="ab: the other checkout's root folder")
+    ap.add_argument("--rounds", type=int, default=15, help="ab: alternating rounds")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--preset", default="mid", choices=list(PRESETS))
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--dir", help="checkpoint folder to use / create")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)
-    res = {"decode-flat": cmd_decode_flat, "vs-hf": cmd_vs_hf}[a.what](a)
+    res = {"decode-flat": cmd_decode_flat, "vs-hf": cmd_vs_hf, "ab": cmd_ab}[a.what](a)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(res) + "\n")

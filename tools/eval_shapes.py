@@ -1,6 +1,6 @@
 """Measure the bundled shapes model on held-out scenes (npvlm.shapes.eval_scenes), greedy decoding.
 
-    python tools/eval_shapes.py [--model npvlm/models/shapes] [--engine hf|npvlm|both] [--n 200] [--json out.json]
+    python tools/eval_shapes.py [--model npvlm/demo/shapes_model] [--engine hf|npvlm|both] [--n 200] [--json out.json]
 
 Every (prompt, answer) of `npvlm.shapes.tasks(scene)` is asked of each scene; scores per task kind:
   caption     exact match of the whole caption
@@ -33,7 +33,7 @@ if ROOT not in sys.path:
 from npvlm.postprocess import iou, parse_detections  # noqa: E402
 from npvlm.demo.scenes import KINDS, eval_scenes, task_kind, tasks  # noqa: E402
 
-DEFAULT_MODEL = os.path.join(ROOT, "npvlm", "models", "shapes")
+DEFAULT_MODEL = os.path.join(ROOT, "npvlm", "demo", "shapes_model")
 TARGETS = {"caption": 0.90, "count": 0.95, "detect": 0.85}
 MAX_NEW = 48  # the longest answer (three boxes of a kind) is 3 * 6 + 2 * 2 tokens
 

@@ -1,8 +1,8 @@
-"""Train the small PaliGemma-architecture model bundled as npvlm/models/shapes (issue #5).
+"""Train the small PaliGemma-architecture model bundled as npvlm/demo/shapes_model (issue #5).
 
 Dev-time tool: needs torch, transformers, sentencepiece, protobuf, safetensors (npvlm itself does not).
 
-    python tools/train_shapes.py --out npvlm/models/shapes [--steps 2000] [--seed 0]
+    python tools/train_shapes.py --out npvlm/demo/shapes_model [--steps 2000] [--seed 0]
 
 What it does, deterministically for a seed:
 1. trains a SentencePiece tokenizer (tools/make_tokenizer.py) on the text of every task of scenes
@@ -363,7 +363,7 @@ def validate(model_dir: str, n: int, label: str, threads: int = 1):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "npvlm", "models", "shapes"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "npvlm", "demo", "shapes_model"))
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seed-offset", type=int, default=0, help="first data step (continue with fresh scenes after --init-from)")

@@ -1,6 +1,6 @@
 """Synthetic scenes of coloured shapes, with their ground truth and PaliGemma-style task examples.
 
-The bundled model `npvlm/models/shapes/` was trained on these scenes (tools/train_shapes.py) and is
+The bundled model `npvlm/demo/shapes_model/` was trained on these scenes (tools/train_shapes.py) and is
 measured on `eval_scenes()` (tools/eval_shapes.py), whose seeds the training never uses.
 
     from npvlm.shapes import make_scene, tasks

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 _TABLE: dict = {}  # op name -> {array type: replacement}
 _STATE = {"enabled": True}
@@ -29,11 +30,12 @@ def fast_path(fn=None, *, on: int = 0):
     if fn is None:
         return functools.partial(fast_path, on=on)
     table = _TABLE.setdefault(fn.__name__, {})
+    name = list(inspect.signature(fn).parameters)[on]  # the dispatch argument may come by keyword: linear(x, **p)
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
         if table and _STATE["enabled"]:
-            impl = table.get(type(args[on]))
+            impl = table.get(type(args[on] if len(args) > on else kwargs[name]))
             if impl is not None:
                 return impl(*args, **kwargs)
         return fn(*args, **kwargs)

@@ -33,6 +33,7 @@ from npvlm import fast_ops
 from npvlm.packed import Bf16Weight, Int8Weight
 
 try:
+    import numba
     from llvmlite import ir
     from numba import njit, prange, types
     from numba.extending import intrinsic
@@ -43,6 +44,7 @@ except ImportError:  # numba is the optional `fast` extra
 
 DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
 ROWS = 4  # output rows one thread widens and accumulates together
+CHUNK = 16  # blocks of ROWS rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
 BLOCK_BYTES = 1 << 21  # float32 bytes of widened weight per BLAS block in prefill (2 MiB: L2-L3)
 _REDUCE = {"reassoc"}  # reassociate sums only (vector lanes); see the module docstring
 
@@ -152,10 +154,11 @@ def packed_linear(x, weight, bias=None):  # [..., in], packed [out, in], [out] -
     x2 = np.ascontiguousarray(x.reshape(-1, K))  # [M, K]
     out = np.empty((x2.shape[0], N), dtype=np.float32)  # [M, N]
     if x2.shape[0] <= DECODE_ROWS:
-        if isinstance(weight, Bf16Weight):
-            _gemv_bf16(x2, np.ascontiguousarray(weight.bits), out)
-        else:
-            _gemv_int8(x2, np.ascontiguousarray(weight.q), weight.scale, out)
+        with numba.parallel_chunksize(CHUNK):  # dynamic hand-out, not one static half per thread
+            if isinstance(weight, Bf16Weight):
+                _gemv_bf16(x2, np.ascontiguousarray(weight.bits), out)
+            else:
+                _gemv_int8(x2, np.ascontiguousarray(weight.q), weight.scale, out)
     else:
         _prefill(x2, weight, out)
     if bias is not None:

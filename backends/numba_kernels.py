@@ -9,8 +9,9 @@ widening happens in registers on the way to the multiply-add and the float32 cop
                                         blocks of ROWS output rows) widens ROWS rows together in the
                                         inner loop (bf16: (uint32(bits) << 16) bit-cast to float32;
                                         int8: int -> float), which LLVM vectorises (AVX2/AVX-512)
-        M larger (prefill)             widen a block of rows into a cache-sized float32 buffer and
-                                        let BLAS (numpy matmul) multiply it, block after block
+        M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
+                                        float32 buffer and let BLAS (numpy matmul) multiply it, block
+                                        after block: never a whole float32 copy of the weight
     register_numba_kernels()        makes packed_linear the `linear` of both containers (fast_ops)
 
 Numerics: float32 accumulation throughout. The decode kernels are compiled with
@@ -45,7 +46,8 @@ except ImportError:  # numba is the optional `fast` extra
 DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
 ROWS = 4  # output rows one thread widens and accumulates together
 CHUNK = 16  # blocks of ROWS rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
-BLOCK_BYTES = 1 << 21  # float32 bytes of widened weight per BLAS block in prefill (2 MiB: L2-L3)
+BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
+#                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
 _REDUCE = {"reassoc"}  # reassociate sums only (vector lanes); see the module docstring
 
 if HAVE_NUMBA:

@@ -217,3 +217,18 @@ def test_lean_op_equals_reference(case, registered):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * float(np.abs(want).max()))
     for a, b in zip(args, before):
         np.testing.assert_array_equal(a, b)  # inputs untouched
+
+
+def test_without_numba_nothing_registers_and_linear_still_works(monkeypatch):
+    saved = dict(fast_ops._TABLE["linear"])
+    monkeypatch.setattr(numba_kernels, "HAVE_NUMBA", False)  # as if the npvlm[fast] extra were not installed
+    try:
+        fast_ops._TABLE["linear"].clear()
+        assert numba_kernels.register_numba_kernels() is False
+        assert fast_ops.replacement("linear", Bf16Weight) is None and fast_ops.replacement("linear", Int8Weight) is None
+        w, x, bias = _case(10, 12, 3)
+        W = packing.bf16_weight(w)
+        np.testing.assert_array_equal(nn.linear(x, weight=W, bias=bias), x @ W.widen().T + bias)  # the reference path
+    finally:
+        fast_ops._TABLE["linear"].clear()
+        fast_ops._TABLE["linear"].update(saved)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 _TABLE: dict = {}  # op name -> {array type: replacement}
 _REFERENCES: dict = {}  # op name -> its reference function
@@ -31,11 +32,12 @@ def fast_path(fn=None, *, on: int = 0):
         return functools.partial(fast_path, on=on)
     table = _TABLE.setdefault(fn.__name__, {})
     _REFERENCES[fn.__name__] = fn
+    arg = list(inspect.signature(fn).parameters)[on]  # the dispatch argument may come by keyword: linear(x, **p)
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
         if table and _STATE["enabled"]:
-            impl = table.get(type(args[on]))
+            impl = table.get(type(args[on] if len(args) > on else kwargs[arg]))
             if impl is not None:
                 return impl(*args, **kwargs)
         return fn(*args, **kwargs)

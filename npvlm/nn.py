@@ -24,6 +24,7 @@ from array_api_compat import array_namespace
 
 from .errors import ShapeError
 from .fast_ops import fast_path
+from .packed import PackedWeight
 
 MASK_MIN = -3.4028234663852886e38  # finfo(float32).min: a finite "minus infinity" (no NaN rows)
 SCORE_BUDGET = 1 << 25  # most attention scores held at once (32 Mi floats, 128 MiB): queries go in blocks past it
@@ -38,6 +39,8 @@ def _expect(ok: bool, layer: str, what: str, got) -> None:
 
 @fast_path(on=1)  # dispatched on the weight: packed (16/8-bit) weights bring their own kernel
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] -> [..., out]
+    if isinstance(weight, PackedWeight):  # 16/8-bit weight without a kernel: widen it whole, then as float32
+        weight = weight.widen()
     _expect(weight.ndim == 2 and x.shape[-1] == weight.shape[1], "linear",
             f"x[..., {weight.shape[-1] if weight.ndim == 2 else '?'}] for weight {tuple(weight.shape)}", tuple(x.shape))
     y = x @ weight.T

@@ -1,0 +1,185 @@
+"""Fused widen-and-multiply kernels for packed (bf16 / int8) Linear weights, in numba.
+
+A decode step multiplies a few activation rows by every weight, so its speed is the rate at which
+weights stream from memory: bf16 halves the bytes of float32, int8 quarters them, provided the
+widening happens in registers on the way to the multiply-add and the float32 copy never exists.
+
+    packed_linear(x, weight, bias)   x [..., in] float32, weight Bf16Weight | Int8Weight [out, in]
+        M = rows of x <= DECODE_ROWS   _gemv_*: one pass over the weight; each thread (prange over
+                                        blocks of ROWS output rows) widens ROWS rows together in the
+                                        inner loop (bf16: (uint32(bits) << 16) bit-cast to float32;
+                                        int8: int -> float), which LLVM vectorises (AVX2/AVX-512)
+        M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
+                                        float32 buffer and let BLAS (numpy matmul) multiply it, block
+                                        after block: never a whole float32 copy of the weight
+    register_numba_kernels()        makes packed_linear the `linear` of both containers (fast_ops)
+
+Numerics: float32 accumulation throughout. The decode kernels are compiled with
+fastmath={"reassoc"} and nothing else: reassociation is what lets LLVM split a dot product's sum
+into vector lanes (without it the loop stays scalar and reads at a quarter of the bandwidth); it
+changes the summation order only, as BLAS's blocking does, so results equal float32
+`x @ widen(W).T` to ~1e-6 relative. No nnan/ninf/afn: NaN and infinity propagate as in NumPy.
+int8 sums q * x per row, then multiplies once by the row's scale (the dequantized reference
+rounds q * scale first: the two differ by float32 rounding only).
+
+numba is optional (`npvlm[fast]`): without it `register_numba_kernels()` returns False and
+`nn.linear` widens packed weights whole (same numbers, slower).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npvlm import fast_ops
+from npvlm.packed import Bf16Weight, Int8Weight
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+
+    HAVE_NUMBA = True
+except ImportError:  # numba is the optional `fast` extra
+    HAVE_NUMBA = False
+
+DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
+ROWS = 4  # output rows one thread widens and accumulates together
+CHUNK = 16  # blocks of ROWS rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
+BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
+#                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
+_REDUCE = {"reassoc"}  # reassociate sums only (vector lanes); see the module docstring
+
+if HAVE_NUMBA:
+
+    @intrinsic
+    def _u32_as_f32(typingctx, v):  # reinterpret a uint32 as float32 (LLVM bitcast, no conversion)
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @njit(inline="always")
+    def _bf16(b):  # uint16 bfloat16 bits -> float32, exact: they are a float32's top half
+        return _u32_as_f32(np.uint32(b) << np.uint32(16))
+
+    @njit(parallel=True, cache=True, fastmath=_REDUCE)
+    def _gemv_bf16(x, bits, out):  # [M, K] f32, [N, K] u16 -> out [M, N] f32
+        M, K = x.shape
+        N = bits.shape[0]
+        for blk in prange((N + ROWS - 1) // ROWS):
+            n = blk * ROWS
+            if n + ROWS <= N:  # ROWS rows at once: each x element loaded once for all of them
+                w0, w1, w2, w3 = bits[n], bits[n + 1], bits[n + 2], bits[n + 3]
+                for m in range(M):  # rows of x: the ROWS weight rows stay in L1/L2 between them
+                    xm = x[m]
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for k in range(K):
+                        xk = xm[k]
+                        s0 += xk * _bf16(w0[k])
+                        s1 += xk * _bf16(w1[k])
+                        s2 += xk * _bf16(w2[k])
+                        s3 += xk * _bf16(w3[k])
+                    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
+            else:  # the last N % ROWS rows, one at a time
+                for r in range(n, N):
+                    wr = bits[r]
+                    for m in range(M):
+                        xm = x[m]
+                        s = np.float32(0.0)
+                        for k in range(K):
+                            s += xm[k] * _bf16(wr[k])
+                        out[m, r] = s
+
+    @njit(parallel=True, cache=True, fastmath=_REDUCE)
+    def _gemv_int8(x, q, scale, out):  # [M, K] f32, [N, K] i8, [N] f32 -> out [M, N] f32
+        M, K = x.shape
+        N = q.shape[0]
+        for blk in prange((N + ROWS - 1) // ROWS):
+            n = blk * ROWS
+            if n + ROWS <= N:
+                w0, w1, w2, w3 = q[n], q[n + 1], q[n + 2], q[n + 3]
+                for m in range(M):
+                    xm = x[m]
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for k in range(K):
+                        xk = xm[k]
+                        s0 += xk * np.float32(w0[k])
+                        s1 += xk * np.float32(w1[k])
+                        s2 += xk * np.float32(w2[k])
+                        s3 += xk * np.float32(w3[k])
+                    out[m, n], out[m, n + 1] = s0 * scale[n], s1 * scale[n + 1]
+                    out[m, n + 2], out[m, n + 3] = s2 * scale[n + 2], s3 * scale[n + 3]
+            else:
+                for r in range(n, N):
+                    wr = q[r]
+                    for m in range(M):
+                        xm = x[m]
+                        s = np.float32(0.0)
+                        for k in range(K):
+                            s += xm[k] * np.float32(wr[k])
+                        out[m, r] = s * scale[r]
+
+    @njit(parallel=True, cache=True)
+    def _widen_bf16_rows(bits, a, b, buf):  # bits[a:b] -> buf[:b-a] float32, exact
+        for r in prange(b - a):
+            src, dst = bits[a + r], buf[r]
+            for k in range(src.shape[0]):
+                dst[k] = _bf16(src[k])
+
+    @njit(parallel=True, cache=True)
+    def _widen_int8_rows(q, scale, a, b, buf):  # q[a:b] * scale[a:b, None] -> buf[:b-a], as Int8Weight.widen
+        for r in prange(b - a):
+            src, dst, s = q[a + r], buf[r], scale[a + r]
+            for k in range(src.shape[0]):
+                dst[k] = np.float32(src[k]) * s
+
+
+def _prefill(x2, weight, out):  # [M, K] f32, packed [N, K] -> out [M, N]: BLAS on widened blocks
+    N, K = weight.shape
+    rows = max(ROWS, BLOCK_BYTES // (4 * max(1, K)))
+    buf = np.empty((min(rows, N), K), dtype=np.float32)
+    for a in range(0, N, rows):
+        b = min(a + rows, N)
+        if isinstance(weight, Bf16Weight):
+            _widen_bf16_rows(weight.bits, a, b, buf)
+        else:
+            _widen_int8_rows(weight.q, weight.scale, a, b, buf)
+        np.matmul(x2, buf[: b - a].T, out=out[:, a:b])
+
+
+def packed_linear(x, weight, bias=None):  # [..., in], packed [out, in], [out] -> [..., out] float32
+    """nn.linear for a Bf16Weight / Int8Weight: one fused pass for decode, blocked BLAS for prefill."""
+    N, K = weight.shape
+    if x.dtype != np.float32 or x.shape[-1] != K:  # not this kernel's case: the reference widens (and checks shapes)
+        return _reference_linear(x, weight, bias)
+    x2 = np.ascontiguousarray(x.reshape(-1, K))  # [M, K]
+    out = np.empty((x2.shape[0], N), dtype=np.float32)  # [M, N]
+    if x2.shape[0] <= DECODE_ROWS:
+        with numba.parallel_chunksize(CHUNK):  # dynamic hand-out, not one static half per thread
+            if isinstance(weight, Bf16Weight):
+                _gemv_bf16(x2, np.ascontiguousarray(weight.bits), out)
+            else:
+                _gemv_int8(x2, np.ascontiguousarray(weight.q), weight.scale, out)
+    else:
+        _prefill(x2, weight, out)
+    if bias is not None:
+        if tuple(bias.shape) != (N,):
+            return _reference_linear(x, weight, bias)  # let the reference raise its ShapeError
+        out += bias
+    return out.reshape(x.shape[:-1] + (N,))
+
+
+def _reference_linear(x, weight, bias):
+    from npvlm.nn import linear
+
+    return linear.reference(x, weight, bias)
+
+
+def register_numba_kernels() -> bool:
+    """Make packed_linear the `linear` of Bf16Weight and Int8Weight; False (nothing done) without numba."""
+    if not HAVE_NUMBA:
+        return False
+    for container in (Bf16Weight, Int8Weight):
+        fast_ops.register("linear", container, packed_linear)
+    return True

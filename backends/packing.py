@@ -1,0 +1,73 @@
+"""NumPy side of the packed weights: float32 -> bf16 bits / int8 + scale, and back.
+
+The containers (npvlm/packed.py) import no array library; what needs a bit view of a float32 lives
+here, on the backend side, in plain NumPy so it works without numba:
+
+    to_bf16_bits(w)      float32 -> uint16, round-to-nearest-even, bit-identical to torch's
+                         `w.to(torch.bfloat16)` on the CPU (NaN -> 0xFFFF, as torch's CPU kernel
+                         writes every NaN; overflow past bf16's largest finite -> +-inf; float32
+                         subnormals round like any other value, no flush to zero)
+    widen_bf16(bits)     uint16 -> float32: the bits are the top half of a float32, so exact
+    quantize_int8(w)     float32 [out, in] -> q int8 [out, in], scale float32 [out]:
+                         scale = max|w_row| / 127, q = round-half-even(w / scale) in [-127, 127]
+    bf16_weight(w), int8_weight(w)   the containers the loader builds for weights="bfloat16" | "int8"
+
+Each works a block of rows at a time so a 3B-parameter load holds no float32-sized temporaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npvlm.packed import Bf16Weight, Int8Weight
+
+ROWS_PER_BLOCK_BYTES = 1 << 24  # 16 MiB of float32 per block of rows when converting
+
+
+def _row_blocks(n_rows: int, row_len: int):
+    step = max(1, ROWS_PER_BLOCK_BYTES // (4 * max(1, row_len)))
+    return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def to_bf16_bits(w) -> np.ndarray:  # float32 [...] -> uint16 [...]
+    """Round float32 to bfloat16 (nearest, ties to even) and return the raw bits, as torch does."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    flat = w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
+    out = np.empty(flat.shape, dtype=np.uint16)
+    for a, b in _row_blocks(*flat.shape):
+        u = flat[a:b].view(np.uint32)
+        r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)  # ties to even
+        out[a:b] = np.where(np.isnan(flat[a:b]), np.uint32(0xFFFF), r)  # NaN: torch's CPU kernel writes 0xFFFF
+    return out.reshape(w.shape)
+
+
+def widen_bf16(bits) -> np.ndarray:  # uint16 [...] -> float32 [...], exact
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def quantize_int8(w) -> "tuple[np.ndarray, np.ndarray]":  # float32 [out, in] -> int8 [out, in], float32 [out]
+    """Symmetric per-output-channel int8 (absmax / 127 per row; a zero row gets scale 0 and q 0)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int8: expected a weight [out, in], got shape {w.shape}")
+    q = np.empty(w.shape, dtype=np.int8)
+    scale = np.empty(w.shape[0], dtype=np.float32)
+    for a, b in _row_blocks(*w.shape):
+        blk = w[a:b]
+        if not np.isfinite(blk).all():
+            raise ValueError("quantize_int8: the weight holds NaN or infinity; int8 cannot represent it")
+        s = (np.abs(blk).max(axis=1) / np.float32(127.0)).astype(np.float32)  # [rows]
+        safe = np.where(s > 0, s, np.float32(1.0))[:, None]
+        q[a:b] = np.clip(np.rint(blk / safe), -127, 127).astype(np.int8)
+        scale[a:b] = s
+    return q, scale
+
+
+def bf16_weight(w) -> Bf16Weight:
+    """A float32 Linear weight [out, in] -> Bf16Weight holding its rounded bits."""
+    return Bf16Weight(to_bf16_bits(w), widen_bf16)
+
+
+def int8_weight(w) -> Int8Weight:
+    """A float32 Linear weight [out, in] -> Int8Weight (q, scale)."""
+    return Int8Weight(*quantize_int8(w))

@@ -7,6 +7,7 @@ from array_api_compat import array_namespace
 
 from ..fast_ops import register
 from .base import Backend
+from .numpy_fast import register_numpy_fast_ops
 
 
 def write_columns_inplace(cache, new, cols):  # [B, K, C, E], [B, K, 1, E], [B] -> cache, written in place
@@ -16,6 +17,7 @@ def write_columns_inplace(cache, new, cols):  # [B, K, C, E], [B, K, 1, E], [B] 
 
 
 register("write_columns", np.ndarray, write_columns_inplace)
+register_numpy_fast_ops()  # gelu_tanh, softmax, rms_norm, layer_norm: blocked, in place (numpy_fast.py)
 
 
 class NumpyBackend(Backend):

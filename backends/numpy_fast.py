@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from npvlm import fast_ops, nn
+from .. import fast_ops, nn
 
 BLOCK_FLOATS = 1 << 17  # 128 Ki floats (512 KiB) per block: block + temporary ~ L2 (1 MiB/core here); smaller
 #                        blocks lose more to per-call overhead than they gain (softmax's short rows most)

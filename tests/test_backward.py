@@ -272,3 +272,249 @@ def test_batch_norm_backward(ns, shape, training, seed):
     assert_grad(ns, dx, want[0], mag=float(np.abs(R).max() * np.abs(w).max() / std.min()))
     assert_grad(ns, g["weight"], want[1])
     assert_grad(ns, g["bias"], want[2])
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+@each_namespace
+@HYPOTHESIS
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), axis_pick=st.integers(0, 2),
+       scale=scales, seed=seeds)
+def test_softmax_backward(ns, shape, axis_pick, scale, seed):
+    rng = np.random.default_rng(seed)
+    x, axis = randn(rng, *shape, scale=scale), axis_pick % len(shape) - len(shape)
+    y, saved = NB.softmax_forward(ns.put(x), axis=axis)
+    R = randn(rng, *shape)
+    tx = leaf(x)
+    (want,) = torch_vjp(lambda: torch.softmax(tx, dim=axis), R, tx)
+    # y (dy - <dy, y>): a <= 5-term dot product, errors of 1e-7 relative to max|y dy| <= max|dy|.
+    assert_grad(ns, NB.softmax_backward(ns.put(R), saved), want, mag=float(np.abs(R).max()))
+
+
+@each_namespace
+@HYPOTHESIS
+@given(B=st.integers(1, 2), T=st.integers(1, 4), n=st.integers(1, 3), E=st.integers(1, 4), seed=seeds)
+def test_split_and_merge_heads_backward_are_each_others_inverse(ns, B, T, n, E, seed):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, B, T, n * E)
+    y, saved = NB.split_heads_forward(ns.put(x), n)
+    R = randn(rng, *y.shape)
+    tx = leaf(x)
+    (want,) = torch_vjp(lambda: tx.view(B, T, n, E).transpose(1, 2), R, tx)
+    assert_close(ns, NB.split_heads_backward(ns.put(R), saved), want, rtol=0.0, atol=0.0)  # a permutation: exact
+    z, saved = NB.merge_heads_forward(y)
+    R2 = randn(rng, B, T, n * E)
+    assert_close(ns, NB.merge_heads_backward(ns.put(R2), saved), torch.from_numpy(R2).view(B, T, n, E).transpose(1, 2),
+                 rtol=0.0, atol=0.0)
+
+
+@each_namespace
+@HYPOTHESIS
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 5), half=st.integers(1, 4),
+       theta=st.sampled_from([10000.0, 1e6]), seed=seeds)
+def test_rope_backward_is_the_inverse_rotation(ns, B, H, T, half, theta, seed):
+    rng = np.random.default_rng(seed)
+    E = 2 * half
+    x, pos = randn(rng, B, H, T, E), rng.integers(0, 5000, (B, T))
+    cos, sin = nn.rope_angles(ns.put(pos), E, theta)
+    y, saved = NB.rope_forward(ns.put(x), cos, sin)
+    R = randn(rng, *y.shape)
+    tx, tc, ts = leaf(x), torch.from_numpy(ns.get(cos)), torch.from_numpy(ns.get(sin))
+    (want,) = torch_vjp(lambda: apply_rotary_pos_emb(tx, tx, tc, ts)[0], R, tx)  # HF's rotate_half RoPE
+    # a 2-term sum per element of cos/sin products: two roundings, ~1e-7 relative to max|dy|.
+    assert_grad(ns, NB.rope_backward(ns.put(R), saved), want, mag=float(np.abs(R).max()))
+
+
+def masks(kind, B, T, S, rng):
+    """bool [B, 1, T, S] of a kind: causal, prefix-LM, sliding window, dead keys (never seen) or rows seeing nothing."""
+    t, s = np.arange(T)[:, None] + (S - T), np.arange(S)[None, :]  # queries are the last T positions
+    if kind == "causal":
+        allowed = s <= t
+    elif kind == "prefix":  # PaliGemma: image + prompt (the prefix) see each other, the suffix is causal
+        allowed = (s <= t) | (s < rng.integers(1, S + 1))
+    elif kind == "window":  # Gemma 2's local layers: the last w keys
+        allowed = (s <= t) & (t - s < rng.integers(1, S + 1))
+    elif kind == "dead_keys":  # some keys no query sees: their dk, dv must be exactly 0
+        allowed = np.broadcast_to(rng.random(S) < 0.5, (T, S))
+    else:  # "dead_rows": a query that sees no key (a padded row): uniform weights, as torch does with the same mask
+        allowed = (s <= t) & (rng.random((T, 1)) < 0.6)
+    return np.broadcast_to(allowed, (B, 1, T, S)).copy()
+
+
+def torch_attention(q, k, v, mask, scale, softcap):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # query head h reads kv head h // G
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s + mask
+    return torch.softmax(s, dim=-1) @ v
+
+
+@each_namespace
+@HYPOTHESIS
+@given(B=st.integers(1, 2), heads=head_layouts(), T=st.integers(1, 5), extra=st.integers(0, 3), E=st.integers(1, 6),
+       mask_kind=st.sampled_from(["none", "causal", "prefix", "window", "dead_keys", "dead_rows"]),
+       softcap=st.sampled_from([None, 50.0, 2.0]), seed=seeds)
+def test_attention_backward_mha_gqa_mqa_masks_softcap(ns, B, heads, T, extra, E, mask_kind, softcap, seed):
+    rng = np.random.default_rng(seed)
+    (H, K), S = heads, T + extra
+    q, k, v = randn(rng, B, H, T, E), randn(rng, B, K, S, E), randn(rng, B, K, S, E)
+    mask = None if mask_kind == "none" else nn.additive_mask(ns.put(masks(mask_kind, B, T, S, rng)))
+    scale = E ** -0.5
+    o, saved = NB.attention_forward(ns.put(q), ns.put(k), ns.put(v), mask, scale=scale, softcap=softcap)
+    np.testing.assert_array_equal(ns.get(o), ns.get(nn.attention(ns.put(q), ns.put(k), ns.put(v), mask, scale=scale,
+                                                                 softcap=softcap)))  # nn.py's values
+    R = randn(rng, B, H, T, E)
+    dq, dk, dv = NB.attention_backward(ns.put(R), saved)
+    tq, tk, tv = leaf(q), leaf(k), leaf(v)
+    tm = None if mask is None else torch.from_numpy(ns.get(mask))
+    want = torch_vjp(lambda: torch_attention(tq, tk, tv, tm, scale, softcap), R, tq, tk, tv)
+    # Each gradient is two matmuls (<= 8 keys, <= 6 dims) and a softmax VJP; dk and dv also sum the
+    # G <= 4 query heads sharing a kv head. float32: ~1e-6 relative to the largest entry.
+    assert_grad(ns, dq, want[0])
+    assert_grad(ns, dk, want[1])
+    assert_grad(ns, dv, want[2])
+    if mask_kind == "dead_keys":  # a key no query sees gets no gradient at all
+        dead = ns.get(mask)[0, 0, 0] != 0.0  # [S]: the same hidden keys for every query row
+        assert np.all(ns.get(dk)[:, :, dead, :] == 0.0) and np.all(ns.get(dv)[:, :, dead, :] == 0.0)
+
+
+@each_namespace
+@HYPOTHESIS
+@given(B=st.integers(1, 2), K=st.integers(1, 2), G=st.integers(2, 4), T=st.integers(1, 4), E=st.integers(1, 4),
+       seed=seeds)
+def test_gqa_kv_gradient_is_the_sum_over_its_query_heads(ns, B, K, G, T, E, seed):
+    """GQA's dk, dv = the MHA gradients of the G copies of each kv head, added."""
+    rng = np.random.default_rng(seed)
+    q, k, v = randn(rng, B, K * G, T, E), randn(rng, B, K, T, E), randn(rng, B, K, T, E)
+    R = ns.put(randn(rng, B, K * G, T, E))
+    _, saved = NB.attention_forward(ns.put(q), ns.put(k), ns.put(v), scale=1.0)
+    _, dk, dv = NB.attention_backward(R, saved)
+    rep = lambda a: np.repeat(a, G, axis=1)  # noqa: E731 (MHA with each kv head copied for its G query heads)
+    _, saved = NB.attention_forward(ns.put(q), ns.put(rep(k)), ns.put(rep(v)), scale=1.0)
+    _, dk_mha, dv_mha = NB.attention_backward(R, saved)
+    for got, per_head in ((dk, dk_mha), (dv, dv_mha)):
+        want = ns.get(per_head).reshape(B, K, G, T, E).sum(axis=2)
+        # the same products, added in another order: a few roundings relative to the largest entry
+        assert_grad(ns, got, want, rtol=1e-5, floor=1e-6)
+
+
+# --- embeddings, head and loss ------------------------------------------------------------------
+
+@each_namespace
+@HYPOTHESIS
+@given(V=st.integers(1, 6), D=st.integers(1, 5), B=st.integers(1, 2), T=st.integers(1, 9), block=st.integers(1, 4),
+       scaled=st.booleans(), seed=seeds)
+def test_embedding_scatter_add_adds_repeated_ids(ns, V, D, B, T, block, scaled, seed):
+    from unittest import mock
+
+    rng = np.random.default_rng(seed)
+    w, ids = randn(rng, V, D), rng.integers(0, V, (B, T))  # T up to 9 > V: ids repeat
+    y, saved = NB.embed_forward(ns.put(ids), ns.put(w), None if scaled else 1.0)
+    s = np.float32(np.sqrt(D)) if scaled else np.float32(1.0)  # sqrt(D) rounded to float32 first, as HF
+    np.testing.assert_array_equal(ns.get(y), w[ids] * s)
+    R = randn(rng, B, T, D)
+    with mock.patch.object(NB, "ONE_HOT_BUDGET", block * V):  # the one-hot built `block` tokens at a time
+        g = NB.embed_backward(ns.put(R), saved)
+    tw = leaf(w)
+    (want,) = torch_vjp(lambda: F.embedding(torch.from_numpy(ids), tw) * torch.tensor(s), R, tw)
+    # each row sums the <= 18 dy rows of its id (in another order than torch's index_add): roundings only
+    assert_grad(ns, g["weight"], want, floor=1e-6)
+    manual = np.zeros((V, D), np.float64)
+    np.add.at(manual, ids.reshape(-1), R.reshape(-1, D).astype(np.float64) * s)  # the scatter-add spelled out
+    np.testing.assert_allclose(ns.get(g["weight"]), manual, rtol=1e-5, atol=1e-5 * np.abs(manual).max(initial=1.0))
+
+
+@each_namespace
+@HYPOTHESIS
+@given(V=st.integers(2, 7), D=st.integers(1, 5), T=st.integers(2, 8), softcap=st.sampled_from([None, 30.0, 3.0]),
+       seed=seeds)
+def test_tied_head_and_lookup_add_into_one_table(ns, V, D, T, softcap, seed):
+    """ids -> embed * sqrt(D) -> linear A -> logits = softcap(h W^T) with one W: dW = lookup's + head's."""
+    rng = np.random.default_rng(seed)
+    w, a, ids = randn(rng, V, D, scale=0.5), randn(rng, D, D, scale=0.5), rng.integers(0, V, (1, T))
+    e, se = NB.embed_forward(ns.put(ids), ns.put(w))
+    h, sa = NB.linear_forward(e, ns.put(a))
+    z, sh = NB.lm_head_forward(h, ns.put(w), softcap)
+    R = randn(rng, 1, T, V)
+    dh, gh = NB.lm_head_backward(ns.put(R), sh)
+    de, ga = NB.linear_backward(dh, sa)
+    g = NB.add_grads(NB.embed_backward(de, se), gh)
+    tw, ta = leaf(w), leaf(a)
+
+    def tied():
+        z = F.linear(F.embedding(torch.from_numpy(ids), tw) * torch.tensor(np.float32(np.sqrt(D))), ta) @ tw.T
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    want = torch_vjp(tied, R, tw, ta)
+    # both paths are <= 3 matmuls deep, the lookup's rows summed over repeated ids: float32 roundings
+    assert_grad(ns, g["weight"], want[0])
+    assert_grad(ns, ga["weight"], want[1])
+
+
+@each_namespace
+@HYPOTHESIS
+@given(lead=lead_shapes, n=widths, cap=st.sampled_from([1.0, 30.0]), scale=scales, seed=seeds)
+def test_final_logit_softcap_backward(ns, lead, n, cap, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, *lead, n, scale=scale * cap)
+    y, saved = NB.softcap_forward(ns.put(x), cap)
+    R = randn(rng, *y.shape)
+    tx = leaf(x)
+    (want,) = torch_vjp(lambda: cap * torch.tanh(tx / cap), R, tx)
+    # 1 - tanh^2: in saturation tanh^2 ~ 1 leaves 1 - t^2 with an absolute error ~1e-7: floor 1e-6 max|dy|
+    assert_grad(ns, NB.softcap_backward(ns.put(R), saved), want, mag=float(np.abs(R).max(initial=0.0)), floor=1e-6)
+
+
+@each_namespace
+@HYPOTHESIS
+@given(B=st.integers(1, 3), T=st.integers(2, 6), V=st.integers(1, 9), scale=scales, p_ignore=st.sampled_from([0.0, 0.5]),
+       seed=seeds)
+def test_cross_entropy_over_counted_suffix_tokens(ns, B, T, V, scale, p_ignore, seed):
+    rng = np.random.default_rng(seed)
+    logits = randn(rng, B, T, V, scale=scale)
+    labels = np.where(rng.random((B, T)) < p_ignore, -100, rng.integers(0, V, (B, T)))
+    labels[0, -1] = rng.integers(0, V)  # at least one counted token after the shift
+    zs, ys = ns.put(logits)[:, :-1, :], ns.put(labels)[:, 1:]  # next-token: position t predicts label t + 1
+    loss, saved = NB.cross_entropy_forward(zs, ys)
+    r = float(rng.standard_normal())
+    dz = NB.cross_entropy_backward(r, saved)
+    tz = leaf(logits)
+    with torch.enable_grad():
+        tl = F.cross_entropy(tz[:, :-1].reshape(-1, V), torch.from_numpy(labels[:, 1:]).reshape(-1), ignore_index=-100)
+        (tl * r).backward()
+    # logsumexp over <= 9 logits of size <= 10 and a mean: ~1e-6 relative
+    assert_close(ns, loss, tl, rtol=1e-5, atol=1e-6 * max(1.0, scale))
+    assert_grad(ns, dz, tz.grad[:, :-1])  # softmax - onehot, / count: elementwise roundings
+
+
+@each_namespace
+def test_cross_entropy_with_no_counted_token_is_zero_not_nan(ns):
+    loss, saved = NB.cross_entropy_forward(ns.put(np.ones((2, 3), np.float32)), ns.put(np.array([-100, -100])))
+    assert float(ns.get(loss)) == 0.0  # torch gives NaN (0 / 0); a step with nothing to learn should change nothing
+    assert np.all(ns.get(NB.cross_entropy_backward(1.0, saved)) == 0.0)
+
+
+@each_namespace
+@HYPOTHESIS
+@given(n=st.integers(1, 5), D=widths, scale=scales, zero_row=st.booleans(), seed=seeds)
+def test_l2_normalize_backward(ns, n, D, scale, zero_row, seed):
+    rng = np.random.default_rng(seed)
+    x = randn(rng, n, D, scale=scale)
+    if zero_row:
+        x[0] = 0.0  # the norm clamped at eps: dx = dy / eps, as torch's clamp_min
+    y, saved = NB.l2_normalize_forward(ns.put(x))
+    np.testing.assert_array_equal(ns.get(y), ns.get(C.l2_normalize(ns.put(x))))  # contrastive's values
+    R = randn(rng, n, D)
+    tx = leaf(x)
+    (want,) = torch_vjp(lambda: F.normalize(tx, dim=-1, eps=1e-12), R, tx)
+    # (dy - y <dy, y>) / |x| per row: the radial part removed can cancel dy, so the floor is relative
+    # to each row's |dy| / |x| (rows differ by 1e12 when one is clamped): checked row by row.
+    norms = np.maximum(np.linalg.norm(x.astype(np.float64), axis=-1), 1e-12)
+    got = ns.get(NB.l2_normalize_backward(ns.put(R), saved))
+    for i in range(n):
+        mag = float(np.abs(R[i]).max() / norms[i])
+        np.testing.assert_allclose(got[i], to_numpy(want[i]), rtol=1e-5, atol=1e-5 * mag)
+    assert got.dtype == np.float32

@@ -518,3 +518,144 @@ def test_l2_normalize_backward(ns, n, D, scale, zero_row, seed):
         mag = float(np.abs(R[i]).max() / norms[i])
         np.testing.assert_allclose(got[i], to_numpy(want[i]), rtol=1e-5, atol=1e-5 * mag)
     assert got.dtype == np.float32
+
+
+# --- contrastive losses -------------------------------------------------------------------------
+
+def torch_contrastive(kind, img, txt, scale, bias):
+    """Loss and its autograd gradients on HF's formulas (SiglipModel.forward, clip_loss)."""
+    ti, tt = leaf(img), leaf(txt)
+    ts, tb = (torch.tensor(float(v), dtype=torch.float32, requires_grad=True) for v in (scale, bias))  # 0-d leaves
+    with torch.enable_grad():
+        x, y = F.normalize(ti, dim=-1), F.normalize(tt, dim=-1)
+        logits = x @ y.T * ts.exp()  # per image
+        if kind == "siglip":
+            z = 2 * torch.eye(len(img)) - 1
+            loss = -F.logsigmoid(z * (logits + tb)).sum(dim=-1).mean()
+        else:
+            lab = torch.arange(len(img))
+            loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
+        loss.backward()
+    return loss, {"image_embeds": ti.grad, "text_embeds": tt.grad, "logit_scale": ts.grad,
+                  "logit_bias": torch.zeros(()) if tb.grad is None else tb.grad}
+
+
+contrastive_inputs = dict(n=st.integers(1, 9), d=st.integers(1, 17), scale=st.floats(-1.0, 5.0),
+                          bias=st.floats(-12.0, 3.0), seed=st.integers(0, 2**16))
+
+
+@each_namespace
+@HYPOTHESIS
+@given(**contrastive_inputs)
+def test_clip_and_siglip_gradients_match_autograd(ns, n, d, scale, bias, seed):
+    rng = np.random.default_rng(seed)
+    img, txt = randn(rng, n, d, scale=3.0), randn(rng, n, d, scale=0.5)  # un-normalised, of different sizes
+    for kind, got in (("siglip", C.siglip_loss_and_grads(ns.put(img), ns.put(txt), scale, bias)),
+                      ("clip", C.clip_loss_and_grads(ns.put(img), ns.put(txt), scale))):
+        want_loss, want = torch_contrastive(kind, img, txt, scale, bias)
+        loss, grads = got
+        # logits up to e^5 + 12 ~ 160: log-sigmoid / logsumexp of them keep ~1e-7 relative, summed over
+        # n^2 <= 81 pairs: rtol 2e-5 as test_contrastive's loss check.
+        assert_close(ns, loss, want_loss, rtol=2e-5, atol=2e-5)
+        for name, emb in (("image_embeds", img), ("text_embeds", txt)):
+            # t * (a sum over n <= 9 pairs of dL/dlogit <= 1/n each) through the L2 norm, whose radial
+            # part removed may cancel it (d = 1: the true gradient is 0): the floor is 2e-5 of the terms'
+            # size t / (n min|x|); rtol 1e-4 as t up to e^5 amplifies the logits' roundings.
+            mag = max(float(np.abs(to_numpy(want[name])).max()),
+                      np.exp(scale) / (n * float(np.linalg.norm(emb, axis=-1).min())))
+            assert_grad(ns, grads[name], want[name], rtol=1e-4, floor=2e-5, mag=mag)
+        for name in ("logit_scale",) + (("logit_bias",) if kind == "siglip" else ()):
+            # sums over the n^2 <= 81 pairs of dL/dlogit (times the logit for t'): rtol 1e-4, floor 2e-5
+            # of the largest term (|logit| <= e^5 + 12), as the sum may cancel to ~0.
+            assert_grad(ns, grads[name], want[name], rtol=1e-4, floor=2e-5, mag=max(1.0, np.exp(scale)))
+
+
+@each_namespace
+@HYPOTHESIS
+@given(chunk=st.integers(1, 10), **contrastive_inputs)
+def test_chunked_siglip_equals_unchunked(ns, chunk, n, d, scale, bias, seed):
+    rng = np.random.default_rng(seed)
+    img, txt = ns.put(randn(rng, n, d)), ns.put(randn(rng, n, d))
+    loss, grads = C.siglip_loss_and_grads(img, txt, scale, bias)
+    loss_c, grads_c = C.siglip_loss_chunked(img, txt, scale, bias, chunk)
+    # the same terms summed block by block instead of at once: a few roundings of the n^2 <= 81 terms
+    assert_close(ns, loss_c, ns.get(loss), rtol=1e-5, atol=1e-6)
+    logits = C.pair_logits(img, txt, ns.put(np.float32(scale)), bias)
+    assert_close(ns, loss, ns.get(C.siglip_loss(logits)), rtol=2e-5, atol=2e-5)  # the forward-only loss, too
+    for name, g in grads.items():
+        assert_grad(ns, grads_c[name], ns.get(g), rtol=1e-5, floor=1e-5)  # block sums reordered: roundings
+
+
+def test_chunked_siglip_peak_memory_grows_with_n_times_chunk():
+    """numpy under tracemalloc: at n = 1024 the unchunked block is [n, n]; chunks of 64 hold [n, 64]."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    img, txt = randn(rng, 1024, 16), randn(rng, 1024, 16)
+    peaks = {}
+    for chunk in (1024, 64):
+        tracemalloc.start()
+        C.siglip_loss_chunked(img, txt, 2.3, -10.0, chunk)
+        peaks[chunk] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    n2 = 1024 * 1024 * 4  # one [n, n] float32 matrix: 4 MiB
+    assert peaks[1024] > 2 * n2  # the unchunked form holds more than two [n, n] matrices at its peak
+    assert peaks[64] < n2 / 2  # the chunked one less than half of one (blocks [n, 64] = 1/16 of it, a few at once)
+
+
+# --- float32 discipline -------------------------------------------------------------------------
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _arrays(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _arrays(v)
+    elif hasattr(tree, "dtype") and hasattr(tree, "shape"):
+        yield tree
+
+
+@each_namespace
+def test_no_float64_in_anything_saved_or_returned(ns):
+    """Every forward's output and saved tensors and every backward's gradients are float32 (ids stay integer)."""
+    xp, rng = ns.xp, np.random.default_rng(0)
+    r = lambda *s: ns.put(randn(rng, *s))  # noqa: E731
+    lin = lambda o, i: {"weight": r(o, i), "bias": r(o)}  # noqa: E731
+    x, ids = r(2, 3, 4), ns.put(rng.integers(0, 5, (2, 3)))
+    cos, sin = nn.rope_angles(ns.put(rng.integers(0, 9, (2, 3))), 4)
+    mask = nn.additive_mask(ns.put(masks("prefix", 2, 3, 3, rng)))
+    cases = [
+        (NB.linear_forward, (x,), lin(5, 4), NB.linear_backward),
+        (NB.gelu_tanh_forward, (x,), {}, NB.gelu_tanh_backward),
+        (NB.siglip_mlp_forward, (x,), {"fc1": lin(6, 4), "fc2": lin(4, 6)}, NB.siglip_mlp_backward),
+        (NB.geglu_forward, (x,), {k: {"weight": r(*s)} for k, s in
+                                  (("gate_proj", (6, 4)), ("up_proj", (6, 4)), ("down_proj", (4, 6)))}, NB.geglu_backward),
+        (NB.patch_embed_forward, (r(2, 3, 4, 4),), {"weight": r(5, 3, 2, 2), "bias": r(5)}, NB.patch_embed_backward),
+        (NB.position_add_forward, (x,), {"weight": r(3, 4)}, NB.position_add_backward),
+        (NB.layer_norm_forward, (x,), {"weight": r(4), "bias": r(4)}, NB.layer_norm_backward),
+        (NB.rms_norm_forward, (x,), {"weight": r(4)}, NB.rms_norm_backward),
+        (lambda *a, **k: (lambda o, s: (o[0], s))(*NB.batch_norm_forward(*a, **k, training=True)),
+         (x, r(3), r(3), r(3), ns.put(np.ones(3, np.float32))), {}, NB.batch_norm_backward),
+        (NB.softmax_forward, (x,), {}, NB.softmax_backward),
+        (NB.split_heads_forward, (x, 2), {}, NB.split_heads_backward),
+        (NB.merge_heads_forward, (r(2, 2, 3, 2),), {}, NB.merge_heads_backward),
+        (NB.rope_forward, (r(2, 2, 3, 4), cos, sin), {}, NB.rope_backward),
+        (NB.attention_forward, (r(2, 4, 3, 2), r(2, 2, 3, 2), r(2, 2, 3, 2), mask), {"scale": 0.7, "softcap": 5.0},
+         NB.attention_backward),
+        (NB.embed_forward, (ids, r(5, 4)), {}, NB.embed_backward),
+        (NB.softcap_forward, (x, 3.0), {}, NB.softcap_backward),
+        (NB.lm_head_forward, (x, r(7, 4), 30.0), {}, NB.lm_head_backward),
+        (NB.cross_entropy_forward, (r(2, 3, 5), ids), {}, NB.cross_entropy_backward),
+        (NB.l2_normalize_forward, (x,), {}, NB.l2_normalize_backward),
+    ]
+    for forward, args, params, backward in cases:
+        y, saved = forward(*args, **params)
+        grads = backward(xp.ones_like(y), saved)
+        for a in (*_arrays(y), *_arrays(saved), *_arrays(grads)):
+            ok = a.dtype == xp.float32 or xp.isdtype(a.dtype, "integral") or a.dtype == xp.bool
+            assert ok, f"{forward.__name__}: a {a.dtype} array of shape {tuple(a.shape)}"
+    img, txt = r(6, 4), r(6, 4)
+    for loss, grads in (C.clip_loss_and_grads(img, txt, 2.3), C.siglip_loss_and_grads(img, txt, 2.3, -10.0),
+                        C.siglip_loss_chunked(img, txt, 2.3, -10.0, 4)):
+        assert all(a.dtype == xp.float32 for a in (loss, *_arrays(grads)))

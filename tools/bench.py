@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +38,13 @@ PRESETS = {
 
 
 def checkpoint(name, where=None):
-    d = where or os.path.join(tempfile.gettempdir(), f"npvlm-bench-{name}")
+    """The preset's random checkpoint, written once into a folder whose name carries its shapes (so a folder
+    left by another tool, or by another version of the preset, is never silently reused)."""
+    kw = PRESETS[name]
+    tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()) if k != "preset").replace("_", "")
+    d = where or os.path.join(tempfile.gettempdir(), f"npvlm-bench-{name}-{tag}")
     if not os.path.exists(os.path.join(d, "config.json")):
-        kw = dict(PRESETS[name])
+        kw = dict(kw)
         make_checkpoint(d, kw.pop("preset"), tokenizer=True, **kw)
     return d
 
@@ -80,119 +86,122 @@ def cmd_decode_flat(a):
     return res
 
 
-def time_npvlm(d, backend, prompt, new_tokens):
-    t0 = time.perf_counter()
-    model = npvlm.load(d, backend=backend)
-    load = time.perf_counter() - t0
-    img = _image()
-    model.generate(img, prompt, max_new_tokens=2)  # warm-up (BLAS threads, CuPy kernels)
-    best = None
-    for _ in range(2):
-        st = model.generate(img, prompt, max_new_tokens=new_tokens).stats
-        if best is None or st["prefill_seconds"] + st["decode_seconds"] < best["prefill_seconds"] + best["decode_seconds"]:
-            best = st
-    per_tok = best["decode_seconds"] / max(best["new_tokens"] - 1, 1)
-    return {"load_s": load, "image_s": best["image_seconds"], "first_token_s": best["image_seconds"] + best["prefill_seconds"],
-            "ms_per_token": per_tok * 1e3, "new_tokens": best["new_tokens"]}
+class Worker:
+    """One side of a comparison in its own persistent process (tools/bench_workers.py)."""
+
+    def __init__(self, *args):
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_workers.py")
+        self.proc = subprocess.Popen([sys.executable, worker, *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench worker {self.proc.args[2:]} died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, n: int) -> dict:
+        self.proc.stdin.write(json.dumps({"n": n}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def time_hf(d, device, prompt, new_tokens):
-    import torch
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-
-    t0 = time.perf_counter()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).to(device).eval()
-    load = time.perf_counter() - t0
-    proc = PaliGemmaProcessor.from_pretrained(d)
-    inputs = proc(images=[_image()], text=["<image>" + prompt], return_tensors="pt").to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run(n):
-        sync()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        sync()
-        return time.perf_counter() - t
-
-    with torch.no_grad():
-        sync()
-        t = time.perf_counter()
-        model.model.get_image_features(inputs["pixel_values"])
-        sync()
-        img = time.perf_counter() - t
-    run(2)
-    first = min(run(1) for _ in range(2))
-    full = min(run(new_tokens) for _ in range(2))
-    return {"load_s": load, "image_s": img, "first_token_s": first, "ms_per_token": (full - first) / (new_tokens - 1) * 1e3,
-            "new_tokens": new_tokens}
+def alternate(workers: dict, rounds: int, n: int, max_other: float):
+    """Rounds in which every worker runs once, the order rotating; a round counts as quiet when, during each
+    of its runs, other processes kept less than `max_other` of a core busy. -> (quiet rounds, all rounds)."""
+    names, every = list(workers), []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        row = {}
+        for k in order:
+            out = workers[k].run(n)
+            out["other_cores"] = max(0.0, out["machine_busy_s"] - out["own_cpu_s"]) / max(out["wall_s"], 1e-9)
+            row[k] = out
+        every.append(row)
+    quiet = [row for row in every if all(x["other_cores"] <= max_other for x in row.values())]
+    return quiet, every
 
 
-def _image():
-    import numpy as np
-    import PIL.Image
+def _median(rows, side, key):
+    return statistics.median(row[side][key] for row in rows)
 
-    return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+
+def decode_bytes_per_token(d) -> int:
+    """Bytes of float32 weights one decode step reads: the whole decoder and the tied head (not the vision tower)."""
+    from npvlm.models.paligemma_config import PaliGemmaConfig
+    from npvlm.models.paligemma_schema import expected_shapes
+
+    shapes = expected_shapes(PaliGemmaConfig.from_dir(d))
+    return 4 * sum(math.prod(v) for k, v in shapes.items() if k.startswith("language_model."))
+
+
+def _close_all(workers):
+    for w in workers.values():
+        w.close()
 
 
 def cmd_vs_hf(a):
+    """npvlm and HF transformers on the same checkpoint, alternating persistent processes, quiet rounds, medians."""
     d = checkpoint(a.preset, a.dir)
-    prompt, n = "caption en", a.new_tokens
-    ours = time_npvlm(d, a.backend, prompt, n)
-    ref = time_hf(d, "cuda" if a.backend == "cupy" else "cpu", prompt, n)
-    res = {"preset": a.preset, "backend": a.backend, "npvlm": ours, "hf": ref,
-           "speedup_first_token": ref["first_token_s"] / ours["first_token_s"],
-           "speedup_decode": ref["ms_per_token"] / ours["ms_per_token"]}
-    print(f"{'':<14}{'npvlm':>12}{'HF torch':>12}{'HF/npvlm':>10}")
-    for k in ("load_s", "image_s", "first_token_s", "ms_per_token"):
-        print(f"{k:<14}{ours[k]:>12.3f}{ref[k]:>12.3f}{ref[k] / ours[k]:>10.2f}")
+    threads = a.threads or len(os.sched_getaffinity(0))
+    workers = {"npvlm": Worker("npvlm", d, "--backend", a.backend, "--threads", threads),
+               "hf": Worker("hf", d, "--device", "cuda" if a.backend == "cupy" else "cpu", "--threads", threads)}
+    if a.backend == "numpy":
+        workers["bandwidth"] = Worker("bandwidth", a.bandwidth_mib, "--threads", threads)
+    try:
+        quiet, every = alternate(workers, a.rounds, a.new_tokens, a.max_other_load)
+    finally:
+        _close_all(workers)
+    rows = quiet if len(quiet) >= 3 else every
+    med = {k: {m: _median(rows, k, m) for m in ("first_token_s", "ms_per_token")} for k in ("npvlm", "hf")}
+    per_token = decode_bytes_per_token(d)
+    res = {"preset": a.preset, "checkpoint": d, "backend": a.backend, "threads": threads, "new_tokens": a.new_tokens,
+           "rounds": a.rounds, "quiet_rounds": len(quiet), "max_other_load": a.max_other_load,
+           "used": "quiet rounds" if rows is quiet else "all rounds (fewer than 3 were quiet)",
+           "npvlm": med["npvlm"], "hf": med["hf"],
+           "speedup_first_token": med["hf"]["first_token_s"] / med["npvlm"]["first_token_s"],
+           "speedup_decode": med["hf"]["ms_per_token"] / med["npvlm"]["ms_per_token"],
+           "decode_bytes_per_token": per_token,
+           "peak_rss_bytes": {k: max(r[k]["peak_rss_bytes"] for r in every) for k in ("npvlm", "hf")}}
+    print(f"{a.preset}: {a.rounds} alternating rounds, {len(quiet)} quiet (other load <= {a.max_other_load} core), "
+          f"medians over {res['used']}; {threads} threads")
+    print(f"{'':<16}{'npvlm':>12}{'HF torch':>12}{'HF/npvlm':>10}")
+    for m in ("first_token_s", "ms_per_token"):
+        print(f"{m:<16}{med['npvlm'][m]:>12.4f}{med['hf'][m]:>12.4f}{med['hf'][m] / med['npvlm'][m]:>10.2f}")
+    if "bandwidth" in workers:
+        bw = _median(rows, "bandwidth", "gb_per_s")
+        res["bandwidth_gb_per_s"] = bw
+        for k in ("npvlm", "hf"):
+            res[f"{k}_fraction_of_bandwidth"] = per_token / (med[k]["ms_per_token"] / 1e3) / 1e9 / bw
+        print(f"read bandwidth (float32 GEMV, {threads} threads): {bw:.1f} GB/s; a decode step reads "
+              f"{per_token / 1e9:.3f} GB: npvlm at {res['npvlm_fraction_of_bandwidth']:.0%}, "
+              f"HF at {res['hf_fraction_of_bandwidth']:.0%} of it")
     return res
 
 
-AB_WORKER = r"""
-import sys, json, time
-sys.path.insert(0, sys.argv[1])
-import numpy as np, PIL.Image
-import npvlm
-model = npvlm.load(sys.argv[2])
-img = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-model.generate(img, "caption en", max_new_tokens=2)  # warm-up
-for line in sys.stdin:
-    st = model.generate(img, "caption en", max_new_tokens=int(line)).stats
-    steps = max(st["new_tokens"] - 1, 1)
-    print(json.dumps({"first_token_s": st["image_seconds"] + st["prefill_seconds"],
-                      "ms_per_token": 1e3 * st["decode_seconds"] / steps, "load": open("/proc/loadavg").read().split()[0]}),
-          flush=True)
-"""
-
-
 def cmd_ab(a):
-    """Two checkouts, each in its own persistent process on the same checkpoint, taking turns round by round
-    (so both see the same machine load); medians over the rounds. Only the public API is used on both sides."""
-    import subprocess
-
+    """Two checkouts of npvlm, each in its own persistent process on the same checkpoint, taking turns round by
+    round; medians over quiet rounds. Only the public API is used on both sides."""
     d = checkpoint(a.preset, a.dir)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sides = {"this": here, "other": os.path.abspath(a.against)}
-    procs = {k: subprocess.Popen([sys.executable, "-c", AB_WORKER, root, d], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True) for k, root in sides.items()}
-    rows = {k: [] for k in sides}
+    workers = {"this": Worker("npvlm", d, "--root", here), "other": Worker("npvlm", d, "--root", os.path.abspath(a.against))}
     try:
-        for r in range(a.rounds):
-            for k in (("this", "other") if r % 2 == 0 else ("other", "this")):  # alternate who goes first
-                procs[k].stdin.write(f"{a.new_tokens}\n")
-                procs[k].stdin.flush()
-                rows[k].append(json.loads(procs[k].stdout.readline()))
+        quiet, every = alternate(workers, a.rounds, a.new_tokens, a.max_other_load)
     finally:
-        for p in procs.values():
-            p.stdin.close()
-            p.wait()
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("first_token_s", "ms_per_token")} for k, v in rows.items()}
-    res = {"preset": a.preset, "rounds": a.rounds, "new_tokens": a.new_tokens, "other_checkout": sides["other"],
-           "median_this": med["this"], "median_other": med["other"],
+        _close_all(workers)
+    rows = quiet if len(quiet) >= 3 else every
+    med = {k: {m: _median(rows, k, m) for m in ("first_token_s", "ms_per_token")} for k in workers}
+    res = {"preset": a.preset, "rounds": a.rounds, "quiet_rounds": len(quiet), "new_tokens": a.new_tokens,
+           "other_checkout": os.path.abspath(a.against), "median_this": med["this"], "median_other": med["other"],
            "decode_other_over_this": med["other"]["ms_per_token"] / med["this"]["ms_per_token"],
            "first_token_other_over_this": med["other"]["first_token_s"] / med["this"]["first_token_s"]}
-    print(f"{a.rounds} alternating rounds, {a.preset}, {a.new_tokens} new tokens; medians")
+    print(f"{a.preset}: {a.rounds} alternating rounds, {len(quiet)} quiet; medians over "
+          f"{'quiet' if rows is quiet else 'all'} rounds, {a.new_tokens} new tokens")
     print(f"{'':<16}{'this':>12}{'other':>12}{'other/this':>12}")
     for m in ("first_token_s", "ms_per_token"):
         print(f"{m:<16}{med['this'][m]:>12.4f}{med['other'][m]:>12.4f}{med['other'][m] / med['this'][m]:>12.3f}")
@@ -203,7 +212,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["decode-flat", "vs-hf", "ab"])
     ap.add_argument("--against", help="ab: the other checkout's root folder")
-    ap.add_argument("--rounds", type=int, default=15, help="ab: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=12, help="vs-hf, ab: alternating rounds")
+    ap.add_argument("--max-other-load", type=float, default=0.3,
+                    help="a round counts when other processes kept at most this much of a core busy (default 0.3)")
+    ap.add_argument("--threads", type=int, default=0, help="BLAS / torch threads on each side (default: all free cores)")
+    ap.add_argument("--bandwidth-mib", type=int, default=512, help="size of the bandwidth probe's matrices")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--preset", default="mid", choices=list(PRESETS))
     ap.add_argument("--new-tokens", type=int, default=16)

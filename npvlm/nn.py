@@ -14,6 +14,8 @@ Shape legend
 
 Numerics follow the references: statistics, softmax and RoPE angles in float32, the result cast
 back to the input's dtype; scalars are Python floats so nothing is silently widened to float64.
+Casts say `copy=False` (a float32 input is not copied to make it float32), and a shape check builds
+its message only when it fails: the reference path of a decode step allocates nothing it does not use.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ MASK_MIN = -3.4028234663852886e38  # finfo(float32).min: a finite "minus infinit
 SCORE_BUDGET = 1 << 25  # most attention scores held at once (32 Mi floats, 128 MiB): queries go in blocks past it
 
 
-def _expect(ok: bool, layer: str, what: str, got) -> None:
-    if not ok:
-        raise ShapeError(f"{layer}: expected {what}, got {got}")
+def _shape_error(layer: str, what: str, got) -> ShapeError:
+    """Built only when a check fails: a decode step formats no message strings."""
+    return ShapeError(f"{layer}: expected {what}, got {got}")
 
 
 # --- dense layers -------------------------------------------------------------------------------
@@ -41,11 +43,13 @@ def _expect(ok: bool, layer: str, what: str, got) -> None:
 def linear(x, weight, bias=None):  # [..., in], [out, in], [out] -> [..., out]
     if isinstance(weight, PackedWeight):  # 16/8-bit weight without a kernel: widen it whole, then as float32
         weight = weight.widen()
-    _expect(weight.ndim == 2 and x.shape[-1] == weight.shape[1], "linear",
-            f"x[..., {weight.shape[-1] if weight.ndim == 2 else '?'}] for weight {tuple(weight.shape)}", tuple(x.shape))
+    if not (weight.ndim == 2 and x.shape[-1] == weight.shape[1]):
+        width = weight.shape[-1] if weight.ndim == 2 else "?"
+        raise _shape_error("linear", f"x[..., {width}] for weight {tuple(weight.shape)}", tuple(x.shape))
     y = x @ weight.T
     if bias is not None:
-        _expect(tuple(bias.shape) == (weight.shape[0],), "linear", f"bias of shape ({weight.shape[0]},)", tuple(bias.shape))
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise _shape_error("linear", f"bias of shape ({weight.shape[0]},)", tuple(bias.shape))
         y = y + bias
     return y
 
@@ -67,13 +71,15 @@ def geglu(x, gate_proj, up_proj, down_proj):  # [..., D] -> [..., D]: down(gelu(
 def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B, N, D]
     """A conv with stride = kernel = P, done as reshape + matmul (patches row-major, (c, kh, kw) order)."""
     xp = array_namespace(pixels)
-    _expect(pixels.ndim == 4 and weight.ndim == 4 and pixels.shape[1] == weight.shape[1], "patch_embed",
-            f"pixels [B, {weight.shape[1]}, S, S]", tuple(pixels.shape))
+    if not (pixels.ndim == 4 and weight.ndim == 4 and pixels.shape[1] == weight.shape[1]):
+        raise _shape_error("patch_embed", f"pixels [B, {weight.shape[1]}, S, S]", tuple(pixels.shape))
     B, C, Hs, Ws = pixels.shape
     D, _, P, P2 = weight.shape
-    _expect(P == P2 and tuple(bias.shape) == (D,), "patch_embed", f"a square kernel [D, C, P, P] and bias [{D}]",
-            (tuple(weight.shape), tuple(bias.shape)))
-    _expect(Hs % P == 0 and Ws % P == 0, "patch_embed", f"an image side divisible by the patch size {P}", (Hs, Ws))
+    if not (P == P2 and tuple(bias.shape) == (D,)):
+        raise _shape_error("patch_embed", f"a square kernel [D, C, P, P] and bias [{D}]",
+                           (tuple(weight.shape), tuple(bias.shape)))
+    if not (Hs % P == 0 and Ws % P == 0):
+        raise _shape_error("patch_embed", f"an image side divisible by the patch size {P}", (Hs, Ws))
     gh, gw = Hs // P, Ws // P
     x = xp.reshape(pixels, (B, C, gh, P, gw, P))
     x = xp.permute_dims(x, (0, 2, 4, 1, 3, 5))  # [B, gh, gw, C, P, P]
@@ -86,23 +92,25 @@ def patch_embed(pixels, weight, bias):  # [B, C, S, S], [D, C, P, P], [D] -> [B,
 @fast_path
 def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]
     xp = array_namespace(x)
-    _expect(weight.ndim == 1 and tuple(bias.shape) == tuple(weight.shape) and x.shape[-1] == weight.shape[0], "layer_norm",
-            f"x[..., D], weight [D], bias [D] with D = {weight.shape[-1]}", (tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
-    h = xp.astype(x, xp.float32)
+    if not (weight.ndim == 1 and tuple(bias.shape) == tuple(weight.shape) and x.shape[-1] == weight.shape[0]):
+        raise _shape_error("layer_norm", f"x[..., D], weight [D], bias [D] with D = {weight.shape[-1]}",
+                           (tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
+    h = xp.astype(x, xp.float32, copy=False)
     mu = xp.mean(h, axis=-1, keepdims=True)
     var = xp.mean((h - mu) ** 2, axis=-1, keepdims=True)  # biased, as the paper and torch
     y = (h - mu) / xp.sqrt(var + eps) * weight + bias
-    return xp.astype(y, x.dtype)
+    return xp.astype(y, x.dtype, copy=False)
 
 
 @fast_path
 def rms_norm(x, weight, eps=1e-6):  # [..., D], [D] -> [..., D]
     """Gemma's RMSNorm: float32 statistics, scale (1 + w) (w is stored as an offset), cast back last."""
     xp = array_namespace(x)
-    _expect(x.shape[-1] == weight.shape[-1], "rms_norm", f"x[..., {weight.shape[-1]}]", tuple(x.shape))
-    h = xp.astype(x, xp.float32)
+    if not (x.shape[-1] == weight.shape[-1]):
+        raise _shape_error("rms_norm", f"x[..., {weight.shape[-1]}]", tuple(x.shape))
+    h = xp.astype(x, xp.float32, copy=False)
     h = h / xp.sqrt(xp.mean(h * h, axis=-1, keepdims=True) + eps)
-    return xp.astype(h * (1.0 + xp.astype(weight, xp.float32)), x.dtype)
+    return xp.astype(h * (1.0 + xp.astype(weight, xp.float32, copy=False)), x.dtype, copy=False)
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, momentum=0.1, eps=1e-5):
@@ -118,14 +126,17 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, mo
     """
     xp = array_namespace(x)
     C = weight.shape[0]
-    _expect(x.ndim >= 2 and x.shape[1] == C, "batch_norm", f"x[B, {C}, ...]", tuple(x.shape))
+    if not (x.ndim >= 2 and x.shape[1] == C):
+        raise _shape_error("batch_norm", f"x[B, {C}, ...]", tuple(x.shape))
     for name, a in (("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _expect(tuple(a.shape) == (C,), "batch_norm", f"{name} of shape ({C},)", tuple(a.shape))
+        if not (tuple(a.shape) == (C,)):
+            raise _shape_error("batch_norm", f"{name} of shape ({C},)", tuple(a.shape))
     axes = tuple(i for i in range(x.ndim) if i != 1)
     shape = (1, C) + (1,) * (x.ndim - 2)  # broadcast per channel
     if training:
         n = math.prod(x.shape[i] for i in axes)
-        _expect(n > 1, "batch_norm", "more than one value per channel in training mode", tuple(x.shape))
+        if not (n > 1):
+            raise _shape_error("batch_norm", "more than one value per channel in training mode", tuple(x.shape))
         mean = xp.mean(x, axis=axes)
         var = xp.mean((x - xp.reshape(mean, shape)) ** 2, axis=axes)  # biased, for normalising
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
@@ -141,7 +152,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training=False, mo
 @fast_path
 def softmax(x, axis=-1):  # [...] -> [...], float32, max-subtracted so exp never overflows
     xp = array_namespace(x)
-    h = xp.astype(x, xp.float32)
+    h = xp.astype(x, xp.float32, copy=False)
     e = xp.exp(h - xp.max(h, axis=axis, keepdims=True))
     return e / xp.sum(e, axis=axis, keepdims=True)
 
@@ -159,19 +170,21 @@ def rope_angles(positions, head_dim, theta=10000.0):  # [B, T] int -> cos, sin [
 @fast_path
 def rope(x, cos, sin):  # [B, H, T, E], [B, T, E], [B, T, E] -> [B, H, T, E]
     xp = array_namespace(x)
-    _expect(x.ndim == 4 and cos.ndim == 3 and tuple(cos.shape) == tuple(sin.shape) and cos.shape[0] in (1, x.shape[0])
-            and x.shape[2:] == cos.shape[1:] and x.shape[-1] % 2 == 0, "rope",
-            "x [B, H, T, E] with cos and sin [B | 1, T, E], E even", (tuple(x.shape), tuple(cos.shape), tuple(sin.shape)))
+    if not (x.ndim == 4 and cos.ndim == 3 and tuple(cos.shape) == tuple(sin.shape) and cos.shape[0] in (1, x.shape[0])
+            and x.shape[2:] == cos.shape[1:] and x.shape[-1] % 2 == 0):
+        raise _shape_error("rope", "x [B, H, T, E] with cos and sin [B | 1, T, E], E even",
+                           (tuple(x.shape), tuple(cos.shape), tuple(sin.shape)))
     half = x.shape[-1] // 2
     rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
-    cos, sin = xp.astype(cos[:, None, ...], x.dtype), xp.astype(sin[:, None, ...], x.dtype)
+    cos, sin = xp.astype(cos[:, None, ...], x.dtype, copy=False), xp.astype(sin[:, None, ...], x.dtype, copy=False)
     return x * cos + rotated * sin
 
 
 def split_heads(x, n_heads):  # [B, T, n*E] -> [B, n, T, E]
     xp = array_namespace(x)
     B, T, W = x.shape
-    _expect(W % n_heads == 0, "split_heads", f"a width divisible by {n_heads} heads", tuple(x.shape))
+    if not (W % n_heads == 0):
+        raise _shape_error("split_heads", f"a width divisible by {n_heads} heads", tuple(x.shape))
     return xp.permute_dims(xp.reshape(x, (B, T, n_heads, W // n_heads)), (0, 2, 1, 3))
 
 
@@ -191,7 +204,8 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
     """
     xp = array_namespace(q)
-    _expect(q.ndim == 4, "attention", "q [B, H, T, E]", tuple(q.shape))
+    if not (q.ndim == 4):
+        raise _shape_error("attention", "q [B, H, T, E]", tuple(q.shape))
     B, H, T, E = q.shape
     rows = max(1, SCORE_BUDGET // max(1, B * H * k.shape[2]))
     if T > rows:  # a long prefill (4k+ tokens at 896px): build the [T, S] scores a block of queries at a time
@@ -199,21 +213,21 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
         blocks = [attention(q[:, :, a:b, :], k, v, None if mask is None else mask[:, :, a:b, :], scale=scale,
                             softcap=softcap) for a, b in cuts]
         return xp.concat(blocks, axis=2)
-    _expect(k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape,
-            "attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
+    if not (k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape):
+        raise _shape_error("attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
     K, S = k.shape[1], k.shape[2]
     G = H // K
     qg = xp.reshape(q, (B, K, G * T, E))  # heads of a group share their kv head
     s = (qg @ xp.permute_dims(k, (0, 1, 3, 2))) * scale  # [B, K, G*T, S]
-    s = xp.astype(s, xp.float32)
+    s = xp.astype(s, xp.float32, copy=False)
     if softcap is not None:
         s = softcap * xp.tanh(s / softcap)
     s = xp.reshape(s, (B, K, G, T, S))
     if mask is not None:
-        _expect(mask.ndim == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[-2:] == (T, S),
-                "attention", f"mask [{B} | 1, 1, {T}, {S}]", tuple(mask.shape))
+        if not (mask.ndim == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[-2:] == (T, S)):
+            raise _shape_error("attention", f"mask [{B} | 1, 1, {T}, {S}]", tuple(mask.shape))
         s = s + mask[:, :, None, :, :]  # [B, 1, 1, T, S]
-    p = xp.astype(softmax(s, axis=-1), v.dtype)
+    p = xp.astype(softmax(s, axis=-1), v.dtype, copy=False)
     o = xp.reshape(p, (B, K, G * T, S)) @ v  # [B, K, G*T, E]
     return xp.reshape(o, (B, H, T, E))
 

@@ -83,9 +83,3 @@ def test_float32_weights_are_memory_mapped_not_copied(tmp_path):
     w = m.params["language_model"]["model"]["layers"][0]["mlp"]["gate_proj"]["weight"]
     assert not w.flags.owndata and not w.flags.writeable  # a read-only view of the mapped file
 
-
-def test_logits_need_the_image_token_count_the_model_expects(tmp_path):
-    from npvlm.models.paligemma_inputs import layout_batch
-
-    with pytest.raises(npvlm.GenerationError, match="holds 3 <image> tokens, the model expects 4"):
-        layout_batch([([5, 5, 5, 2, 9], [0] * 5)], pad_id=0, image_id=5, num_image_tokens=4)

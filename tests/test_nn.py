@@ -28,8 +28,10 @@ from npvlm.kv_cache import KVCache
 from npvlm.models.siglip_vision import siglip_attention
 
 if __package__:  # tests/ imported as a package (an __init__.py exists)
+    from .helpers import attention_params, causal_allowed, randn
     from .namespaces import HYPOTHESIS, assert_close, each_namespace, each_namespace_marked, to_numpy
 else:  # pytest's default rootdir-less import: tests/ itself is on sys.path
+    from helpers import attention_params, causal_allowed, randn
     from namespaces import HYPOTHESIS, assert_close, each_namespace, each_namespace_marked, to_numpy
 
 torch.set_grad_enabled(False)
@@ -59,10 +61,6 @@ def head_layouts(draw, max_heads_per_group=3):
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def randn(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
 def linear_params(module: torch.nn.Linear) -> dict:
     """An HF Linear -> npvlm's keyword layout {"weight": [out, in], "bias": [out]} (host arrays)."""
     p = {"weight": to_numpy(module.weight)}
@@ -75,13 +73,6 @@ def tiny_gemma_config(D, F_, H, K, E, theta=10000.0) -> GemmaConfig:
     return GemmaConfig(vocab_size=8, hidden_size=D, intermediate_size=F_, num_hidden_layers=1, num_attention_heads=H,
                        num_key_value_heads=K, head_dim=E, rope_theta=theta, hidden_act="gelu_pytorch_tanh",
                        attn_implementation="eager")
-
-
-def causal(B, T, S=None, start=0) -> np.ndarray:
-    """bool [B, 1, T, S]: query t (at absolute position start + t) may see keys 0..start+t."""
-    S = T if S is None else S
-    allowed = np.arange(S)[None, :] <= (start + np.arange(T))[:, None]
-    return np.broadcast_to(allowed, (B, 1, T, S)).copy()
 
 
 # --- dense layers -------------------------------------------------------------------------------
@@ -387,7 +378,7 @@ def test_gemma_self_attention_matches_hf(ns, B, heads, E, D, T, start, seed):
     x = randn(np.random.default_rng(seed), B, T, D)
     positions = np.broadcast_to(start + np.arange(T), (B, T)).copy()
     cos, sin = rotary(ns.torch(x), ns.torch(positions))
-    allowed = causal(B, T)
+    allowed = causal_allowed(B, T)
     hf_mask = ns.torch(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
     want, _ = attn(ns.torch(x), position_embeddings=(cos, sin), attention_mask=hf_mask)
 
@@ -403,14 +394,6 @@ def test_gemma_self_attention_matches_hf(ns, B, heads, E, D, T, start, seed):
 
 # --- KV cache -----------------------------------------------------------------------------------
 
-def random_attention_params(rng, D, H, K, E) -> dict:
-    """q/k/v/o projections (no bias, as in Gemma), scaled so activations stay O(1)."""
-    return {"q_proj": {"weight": randn(rng, H * E, D, scale=D**-0.5)},
-            "k_proj": {"weight": randn(rng, K * E, D, scale=D**-0.5)},
-            "v_proj": {"weight": randn(rng, K * E, D, scale=D**-0.5)},
-            "o_proj": {"weight": randn(rng, D, H * E, scale=(H * E) ** -0.5)}}
-
-
 @each_namespace
 @HYPOTHESIS
 @given(B=batches, heads=head_layouts(), E=st.sampled_from([2, 4, 8]), D=st.integers(1, 10), T=st.integers(1, 6),
@@ -419,12 +402,12 @@ def test_kv_cache_token_by_token_equals_one_causal_pass(ns, B, heads, E, D, T, s
     _, H, K = heads
     rng = np.random.default_rng(seed)
     cfg = TextConfig(hidden_size=D, num_attention_heads=H, num_key_value_heads=K, head_dim=E)
-    params = ns.put_tree(random_attention_params(rng, D, H, K, E))
+    params = ns.put_tree(attention_params(rng, D, H, K, E))
     x = randn(rng, B, T, D)
     positions = np.broadcast_to(start + np.arange(T), (B, T)).copy()  # rope positions; cache rows are 0..T-1
 
     cos, sin = nn.rope_angles(ns.put(positions), E)
-    full = self_attention(ns.put(x), cos, sin, nn.additive_mask(ns.put(causal(B, T))), **params, cfg=cfg)
+    full = self_attention(ns.put(x), cos, sin, nn.additive_mask(ns.put(causal_allowed(B, T))), **params, cfg=cfg)
 
     C = T + spare
     for fixed_shape in (False, True):  # columns by a host int (prefill's way) or by a [B] array (decode_step's way)

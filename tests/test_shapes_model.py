@@ -35,23 +35,28 @@ def test_golden_token_ids(model):
 
 
 def test_the_model_answers_held_out_scenes(model):
-    # 10 held-out scenes (seeds the training never saw), every task: the embedded model must do the job.
-    # The full measurement (200 scenes) is tools/eval_shapes.py; here a deterministic sample (greedy).
-    right, total = {}, {}
+    # 10 held-out scenes (seeds the training never saw), every task, greedy: deterministic, so the test
+    # asserts the measured result itself (the full 200-scene measurement is tools/eval_shapes.py):
+    # all 109 answers right (a caption or count is the exact text; a detection finds every queried
+    # shape with IoU >= 0.5), and the one extra box the model draws on these scenes, named.
+    wrong, extra, asked = [], [], 0
     for seed in range(10**6 + 100, 10**6 + 110):
         scene = make_scene(seed)
         for prompt, answer in tasks(scene):
-            kind = task_kind(prompt)
+            asked += 1
             out = model.generate(scene.image, prompt, max_new_tokens=40)
-            if kind == "detect":
+            if task_kind(prompt) == "detect":
                 query = prompt[len("detect "):]
                 truth = [s for s in scene.shapes if query in (s.name, s.kind)]
-                hits = sum(any(iou(d.box, s.box) >= 0.5 for d in out.detections) for s in truth)
-                right[kind], total[kind] = right.get(kind, 0) + hits, total.get(kind, 0) + len(truth)
-            else:
-                right[kind], total[kind] = right.get(kind, 0) + (out.text == answer), total.get(kind, 0) + 1
-    acc = {k: right[k] / total[k] for k in total}
-    assert acc["caption"] >= 0.9 and acc["count"] >= 0.95 and acc["detect"] >= 0.85, acc  # measured: 1.0 on all three
+                found = sum(any(iou(d.box, s.box) >= 0.5 for d in out.detections) for s in truth)
+                if found < len(truth):
+                    wrong.append((seed, prompt, out.text, answer))
+                if len(out.detections) > len(truth):
+                    extra.append((seed, prompt))
+            elif out.text != answer:
+                wrong.append((seed, prompt, out.text, answer))
+    assert asked == 109 and wrong == [], wrong
+    assert extra == [(1000109, "detect square")], extra  # a second square box where the scene has one
 
 
 def test_demo_draws_boxes(tmp_path):

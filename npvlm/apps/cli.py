@@ -75,11 +75,11 @@ def add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, info
+    from . import demo, generate, info, serve
 
     ap = _Parser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (generate, info, demo):
+    for module in (generate, info, demo, serve):
         module.add_parser(sub).set_defaults(run=module.run)
     return ap
 

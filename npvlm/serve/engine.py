@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import NpvlmError
 from ..generation.sampling import sample
 from ..kv_cache import KVCache
-from ..models.paligemma import decode_step, prefill
+from ..models.paligemma import DecodeState, decode_step, prefill
 
 
 class QueueFull(Exception):
@@ -81,16 +81,18 @@ class Engine:
     def stop(self):
         with self.lock:
             self.stopped = True
+            self.running.set()
             self.lock.notify_all()
-        self.running.set()
         self.thread.join(timeout=10)
 
     def pause(self):
-        self.running.clear()
+        """Hold admission and decoding (after the step under way) until resume()."""
+        with self.lock:
+            self.running.clear()
 
     def resume(self):
-        self.running.set()
         with self.lock:
+            self.running.set()
             self.lock.notify_all()
 
     def submit(self, req: Request):
@@ -114,9 +116,9 @@ class Engine:
     # -- the engine thread -----------------------------------------------------------------------
     def _loop(self):
         while True:
-            self.running.wait()
             with self.lock:
-                while not self.stopped and not self.waiting and all(r is None for r in self.rows):
+                while not self.stopped and (not self.running.is_set()
+                                            or (not self.waiting and all(r is None for r in self.rows))):
                     self.lock.wait()
                 if self.stopped:
                     break
@@ -150,7 +152,7 @@ class Engine:
             self._finish(row, req, None, error=f"generation failed: {type(e).__name__}: {e}")
 
     def _admit(self, row: int, req: Request):
-        m, cfg, xp = self.model, self.cfg, self.backend.xp
+        m, cfg = self.model, self.cfg
         t0 = time.perf_counter()
         feats = m.encode_images([req.rgb])  # [1, N, D]
         T = req.batch.ids.shape[1]
@@ -168,7 +170,6 @@ class Engine:
         with self.lock:
             self.rows[row] = req
         self._take(row, req, tok)
-        del xp
 
     def _pick(self, logits, reqs):  # [B, V] device logits -> [B] device ids; one row at a time unless all greedy
         xp = self.backend.xp
@@ -185,9 +186,7 @@ class Engine:
     def _step(self):
         xp, B, C = self.backend.xp, self.max_batch, self.capacity
         rows = list(self.rows)
-        feeds = [r.feed if r is not None else (self.cfg.pad_token_id, 1, 0) for r in rows]
-        from ..models.paligemma import DecodeState
-
+        feeds = [r.feed if r is not None else (self.cfg.pad_token_id, 1, 0) for r in rows]  # a free row idles at col 0
         state = DecodeState(self.cache, ids=xp.asarray([[f[0]] for f in feeds], dtype=xp.int64),
                             positions=xp.asarray([[f[1]] for f in feeds], dtype=xp.int64),
                             cols=xp.asarray([f[2] for f in feeds], dtype=xp.int64),

@@ -44,7 +44,7 @@ def _free_port() -> int:
 class _Server:
     def __init__(self, model, **kw):
         engine_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue") if k in kw}
-        self.engine = Engine(model, **engine_kw)
+        self.engine = kw.pop("engine_cls", Engine)(model, **engine_kw)
         app = make_app(model, self.engine, **kw)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
@@ -161,27 +161,63 @@ def test_concurrent_clients_get_their_answers_alone(server, model):
         assert got == want
 
 
-def test_disconnect_mid_stream_leaves_others_intact(server, model):
+class _SlowEngine(Engine):
+    """The embedded model answers in milliseconds, faster than a client can hang up: 50 ms a step
+    stands in for a large model, so a client leaving after its first chunk leaves mid-answer."""
+
+    def _step(self):
+        time.sleep(0.05)
+        super()._step()
+
+
+def test_late_requests_join_the_running_batch(model):
+    s = _Server(model, max_batch=8, engine_cls=_SlowEngine)
+    want = [_alone(model, sd, p, n).text for sd, p, n in JOBS]
+
+    def ask(i):
+        time.sleep(0.1 * i)  # arrivals staggered over 0.7 s, while earlier answers are being decoded
+        sd, p, n = JOBS[i]
+        return _post(s, _body(sd, p, n), key=None).json()["choices"][0]["message"]["content"]
+
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, range(8), timeout=TIMEOUT))
+        assert got == want
+        assert s.engine.load()["peak_running"] >= 3  # they were decoded together, not one after another
+    finally:
+        s.close()
+
+
+def test_disconnect_mid_stream_leaves_others_intact(model):
+    job = (1, "caption en", 40)
     want = _alone(model, 7, "detect circle ; square", 48).text
+    assert len(_alone(model, *job).token_ids) >= 6  # long enough (>= 0.3 s here) to leave in the middle
+    s = _Server(model, max_batch=4, engine_cls=_SlowEngine)
 
     def quitter():
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=TIMEOUT,
-                          json={**_body(1, "caption en", 200), "stream": True},
-                          headers={"Authorization": f"Bearer {KEY}"}) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i >= 2:
-                    break  # leave after the first content chunk
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=TIMEOUT,
+                          json={**_body(*job), "stream": True}) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # leave after the first piece of text
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        quits = [pool.submit(quitter) for _ in range(2)]
-        others = [pool.submit(lambda: _post(server, _body(7, "detect circle ; square", 48)).json()) for _ in range(2)]
-        for q in quits:
-            q.result(timeout=TIMEOUT)
-        assert [o.result(timeout=TIMEOUT)["choices"][0]["message"]["content"] for o in others] == [want, want]
-    t0 = time.time()
-    while server.engine.load()["running"]:  # the quitters' rows are freed, not decoded to the end
-        assert time.time() - t0 < 10, server.engine.load()
-        time.sleep(0.05)
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            quits = [pool.submit(quitter) for _ in range(2)]
+            others = [pool.submit(lambda: _post(s, _body(7, "detect circle ; square", 48), key=None).json())
+                      for _ in range(2)]
+            for q in quits:
+                q.result(timeout=TIMEOUT)
+            assert [o.result(timeout=TIMEOUT)["choices"][0]["message"]["content"] for o in others] == [want, want]
+        t0 = time.time()
+        while s.engine.load()["running"]:
+            assert time.time() - t0 < 10, s.engine.load()
+            time.sleep(0.05)
+        assert s.engine.load()["dropped"] == 2  # both rows were freed early, not decoded to their end
+        assert _post(s, _body(8, "caption en", 3), key=None).json()["choices"][0]["message"]["content"] == \
+            _alone(model, 8, "caption en", 3).text
+    finally:
+        s.close()
 
 
 def test_auth_models_health(server):

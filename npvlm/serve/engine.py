@@ -72,6 +72,8 @@ class Engine:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="npvlm-engine", daemon=True)
         self.completed = 0
+        self.dropped = 0  # rows freed because their client went away
+        self.peak_running = 0  # the most rows decoded together so far
 
     # -- the client side -------------------------------------------------------------------------
     def start(self):
@@ -111,7 +113,8 @@ class Engine:
     def load(self) -> dict:
         with self.lock:
             return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch, "completed": self.completed}
+                    "max_batch": self.max_batch, "completed": self.completed, "dropped": self.dropped,
+                    "peak_running": self.peak_running}
 
     # -- the engine thread -----------------------------------------------------------------------
     def _loop(self):
@@ -169,6 +172,7 @@ class Engine:
         req.prefill_seconds = time.perf_counter() - t0
         with self.lock:
             self.rows[row] = req
+            self.peak_running = max(self.peak_running, sum(r is not None for r in self.rows))
         self._take(row, req, tok)
 
     def _pick(self, logits, reqs):  # [B, V] device logits -> [B] device ids; one row at a time unless all greedy
@@ -226,9 +230,10 @@ class Engine:
         with self.lock:
             if row is not None and self.rows[row] is req:
                 self.rows[row] = None
+            if not emit:
+                self.dropped += 1
+                return
             self.completed += error is None
-        if not emit:
-            return
         if error is not None:
             return req.emit({"type": "error", "status": status, "message": error})
         text = getattr(req, "final_text", None)

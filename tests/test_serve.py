@@ -299,3 +299,10 @@ def test_cli_parses_serve():
 
     a = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "2", "--api-key", "k"])
     assert (a.host, a.port, a.max_batch, a.api_key, a.allow_remote_images) == ("127.0.0.1", 0, 2, "k", False)
+
+
+def test_page_is_self_contained(server):
+    r = httpx.get(server.url + "/", timeout=TIMEOUT)  # the page needs no key: the key is typed into it
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "<canvas" in r.text
+    assert "src=\"http" not in r.text and "href=\"http" not in r.text  # no CDN: it works offline

@@ -143,6 +143,8 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
+                elif kind == "image_url" and isinstance(part.get("image_url"), str):
+                    urls.append(part["image_url"])  # some clients send the URL itself
                 elif kind == "image_url" and isinstance(part.get("image_url"), dict) \
                         and isinstance(part["image_url"].get("url"), str):
                     urls.append(part["image_url"]["url"])

@@ -74,12 +74,22 @@ def add_sampling_args(p):
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
+SUBCOMMANDS = (
+    "generate",
+    "info",
+    "demo",
+    "label",
+    "serve",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, info, label
+    import importlib
 
     ap = _Parser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (generate, info, demo, label):
+    for name in SUBCOMMANDS:  # each a module of npvlm.apps with add_parser(sub) and run(args)
+        module = importlib.import_module(f"{__package__}.{name}")
         module.add_parser(sub).set_defaults(run=module.run)
     return ap
 

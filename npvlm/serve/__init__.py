@@ -1,0 +1,1 @@
+"""`npvlm serve`: the OpenAI-compatible HTTP API (app.py) over the continuous-batching engine (engine.py)."""

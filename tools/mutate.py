@@ -45,7 +45,7 @@ def k(file: str, expr: str) -> tuple[str, ...]:
 
 MUTANTS = [
     Mutant("rms_norm scales by w, not 1 + w", "npvlm/nn.py",
-           "h * (1.0 + xp.astype(weight, xp.float32))", "h * xp.astype(weight, xp.float32)",
+           "h * (1.0 + xp.astype(weight, xp.float32, copy=False))", "h * xp.astype(weight, xp.float32)",
            k("tests/test_nn.py", "rms_norm")),
     Mutant("gelu_tanh with a wrong cubic constant", "npvlm/nn.py",
            "(x + 0.044715 * (x * x * x))", "(x + 0.047715 * (x * x * x))",

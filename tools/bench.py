@@ -90,7 +90,7 @@ def time_npvlm(d, backend, prompt, new_tokens):
         st = model.generate(img, prompt, max_new_tokens=new_tokens).stats
         if best is None or st["prefill_seconds"] + st["decode_seconds"] < best["prefill_seconds"] + best["decode_seconds"]:
             best = st
-    per_tok = best["decode_seconds"] / max(best["new_tokens"] - 1, 1)
+    per_tok = best["decode_seconds"] / max(best["steps"] - 1, 1)
     return {"load_s": load, "image_s": best["image_seconds"], "first_token_s": best["image_seconds"] + best["prefill_seconds"],
             "ms_per_token": per_tok * 1e3, "new_tokens": best["new_tokens"]}
 

@@ -107,12 +107,17 @@ def draw_detections(image, detections, width: int | None = None) -> Image.Image:
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=c, width=width)
         if d.label:
             tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), d.label, font=font)
-            w, h = tx1 - tx0 + 2, ty1 - ty0 + 2
-            ty = y0 - h if y0 - h >= 0 else y0
-            tx = max(0, min(x0, out.width - w))
+            tx, ty, w, h = label_box(x0, y0, tx1 - tx0 + 2, ty1 - ty0 + 2, out.size)
             draw.rectangle([tx, ty, tx + w - 1, ty + h - 1], fill=c)
             draw.text((tx + 1 - tx0, ty + 1 - ty0), d.label, fill=(255, 255, 255), font=font)
     return out
+
+
+def label_box(x0, y0, w, h, size):
+    """Where a w x h label of a box whose top-left is (x0, y0) goes: (left, top, w, h). Above the box when
+    there is room, else just inside its top; shifted left / up so it stays inside the image where it fits."""
+    ty = y0 - h if y0 - h >= 0 else y0
+    return max(0, min(x0, size[0] - w)), max(0, min(ty, size[1] - h)), w, h
 
 
 def _font(size: int):

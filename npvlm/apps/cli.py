@@ -128,20 +128,9 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from .. import __version__
 
-    try:
-        return version("npvlm")
-    except PackageNotFoundError:  # a plain checkout: the version pyproject.toml names
-        import re
-
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "pyproject.toml")
-        try:
-            with open(path, encoding="utf-8") as f:
-                m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
-        except OSError:
-            m = None
-        return m.group(1) if m else "(unknown version)"
+    return __version__
 
 
 def main(argv=None) -> int:

@@ -79,6 +79,9 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def default_threads(cores: int | None = None, load: float | None = None) -> int:
     """BLAS threads when --threads is not given: the cores free to this process (its CPU affinity), less the
     ones other processes keep busy (1-minute load average, rounded), at least 1. OpenBLAS threads busy-wait
@@ -101,7 +104,8 @@ def add_model_args(p):
                    help="download a Hub id through huggingface_hub when it is not cached (never done otherwise)")
     p.add_argument("--backend", default="numpy", action=Once, help="numpy (CPU) or cupy (CUDA GPU); default numpy")
     p.add_argument("--threads", type=_threads, default=None, action=Once,
-                   help="BLAS threads on the CPU (default: the free cores, see default_threads)")
+                   help="BLAS threads on the CPU (default: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the cores "
+                        "free to this process less those busy with other work, at least 1)")
 
 
 def add_sampling_args(p):
@@ -156,7 +160,10 @@ def load_model(args):
     from ..io.hub import looks_like_hub_id, resolve_model
 
     backend = get_backend(args.backend)
-    backend.set_threads(args.threads if args.threads is not None else default_threads())
+    if args.threads is not None:
+        backend.set_threads(args.threads)
+    elif not any(os.environ.get(v) for v in _THREAD_VARS):  # a thread count set in the environment is kept
+        backend.set_threads(default_threads())
     model = args.model
     if looks_like_hub_id(model):
         model = resolve_model(model, download=getattr(args, "download", False))

@@ -16,6 +16,7 @@ from .backends import get_backend
 from .errors import ConfigError, GenerationError
 from .generation.generate import Sampling, collect, finish_stats, generate_tokens, stream_text
 from .io.checkpoint import load_weights, unflatten
+from .io.hub import looks_like_hub_id, resolve_model
 from .io.images import ImageProcessorConfig
 from .io.tokenizer import Tokenizer
 from .models.paligemma import forward, image_features, prefix_lm_masks
@@ -29,11 +30,14 @@ EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo"
 def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> "PaliGemmaModel":
     """Load an HF PaliGemma model folder (config.json, *.safetensors, tokenizer) onto `backend`.
 
-    With no folder, the small shapes model that ships inside npvlm is loaded. Everything is
+    With no folder, the small shapes model that ships inside npvlm is loaded. An `org/name` that is not a
+    local folder is looked up in the Hugging Face cache (npvlm/io/hub.py; never downloaded from here). Everything is
     checked (config, tokenizer, every tensor name and shape) before any weight is mapped.
     """
     t0 = time.perf_counter()
     model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
+    if looks_like_hub_id(model_dir):  # `org/name` that is not a local folder: the Hugging Face cache's snapshot
+        model_dir = resolve_model(model_dir)
     be = get_backend(backend)
     cfg = PaliGemmaConfig.from_dir(model_dir)
     tok = Tokenizer.from_dir(model_dir, image_token_id=cfg.image_token_index)

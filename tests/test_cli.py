@@ -28,8 +28,9 @@ from hf_ref import write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d9f1e\nsize 4264023\n"
-STATS = re.compile(r"^load [\d.]+ s \| image encode \d+ ms \| prefill \d+ tokens [\d.]+ s \(\d+ tok/s\) \| "
-                   r"decode \d+ tokens \([\d.]+ tok/s\) \| peak RSS \d+ MiB")
+TIME = r"(?:\d+ ms|[\d.]+ s)"  # under a second in ms, else in s
+STATS = re.compile(rf"^load [\d.]+ s \| image encode {TIME} \| prefill \d+ tokens {TIME} \(\d+ tok/s\) \| "
+                   r"decode \d+ tokens? \([\d.]+ tok/s\) \| peak RSS \d+ MiB")
 
 
 def npvlm(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -98,6 +99,7 @@ def files(tmp_path_factory):
         "lfs_with_fallback": variant("lfs_with_fallback", lambda d: (d / "tokenizer.model").write_bytes(LFS)),
         "short": variant("short", lambda d: edit_config(d, lambda c: c["text_config"].update(max_position_embeddings=40))),
     }
+    (root / "empty").mkdir()  # --image FOLDER means its images: this one has none
     (root / "notes.png").write_text("these are my notes, not a picture\n")
     data = img.read_bytes()
     (root / "cut.png").write_bytes(data[: len(data) // 2])
@@ -124,7 +126,7 @@ ERRORS = [
     ("git-LFS tokenizer.model", ["--model", "{lfs_tokenizer}"],
      ["{lfs_tokenizer}/tokenizer.model", "git-LFS pointer", "git lfs pull"]),
     ("missing image", ["--image", "{root}/nope.jpg"], ["{root}/nope.jpg", "no such file"]),
-    ("image is a directory", ["--image", "{root}"], ["{root}", "is a directory"]),
+    ("image folder without images", ["--image", "{root}/empty"], ["{root}/empty", "is a directory with no image files"]),
     ("not an image", ["--image", "{root}/notes.png"], ["{root}/notes.png", "not an image file"]),
     ("truncated PNG", ["--image", "{root}/cut.png"], ["{root}/cut.png", "truncated or corrupt PNG data"]),
     ("decompression bomb", ["--image", "{root}/bomb.png"], ["{root}/bomb.png", "decompression bomb"]),
@@ -146,8 +148,10 @@ def _fill(arg, f):
     return arg if isinstance(arg, bytes) else arg.format(**f)
 
 
-def _argv(extra, f):  # argparse keeps the last value of a repeated option: the case's own flags win
-    return ["generate", "--model", f["model"], "--image", f["image"], "-n", "3"] + [_fill(a, f) for a in extra]
+def _argv(extra, f):  # an option may be given once: the case's own --model / --image replace the defaults
+    base = [("--model", f["model"]), ("--image", f["image"]), ("-n", "3")]
+    own = {a for a in extra if isinstance(a, str) and a.startswith("-")} | ({"-n"} if "--max-new-tokens" in extra else set())
+    return ["generate"] + [x for flag, v in base if flag not in own for x in (flag, v)] + [_fill(a, f) for a in extra]
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +224,13 @@ def test_generate_json_and_draw(happy_runs):
     assert all(isinstance(t, int) for t in out["token_ids"])
     for key in ("load_seconds", "image_seconds", "prefill_seconds", "decode_tokens_per_second", "peak_rss_bytes"):
         assert isinstance(out["stats"][key], (int, float)) and out["stats"][key] >= 0, key
-    assert out["stats"]["new_tokens"] == len(out["token_ids"]) + (out["finish_reason"] == "eos")
+    assert out["stats"]["new_tokens"] == len(out["token_ids"])  # the answer's tokens; steps counts the eos step too
+    assert out["stats"]["steps"] == len(out["token_ids"]) + (out["finish_reason"] == "eos")
     # greedy: the streamed text and the JSON text are the same
     assert out["text"] == happy_runs["stream"].stdout.decode().rstrip("\n")
     err = r.stderr.decode().splitlines()
     assert any(line.startswith("drew ") and happy_runs["draw_path"] in line for line in err), err
-    assert STATS.match(err[-1]) and "1 threads" in err[-1], err  # --threads 1 reached the BLAS library
+    assert STATS.match(err[-1]) and "1 thread)" in err[-1], err  # --threads 1 reached the BLAS library
     with Image.open(happy_runs["draw_path"]) as im:
         assert im.format == "PNG" and im.size == (30, 20)  # drawn on the original image
 
@@ -239,7 +244,8 @@ def test_info_reads_headers_only(happy_runs, files):
     assert "gemma: 2 layers, width 16" in text and "vocab 1536" in text and "4 image tokens" in text
     assert re.search(r"parameters\s+0\.\d\d M \(vision", text)
     info = json.loads(happy_runs["info_json"].stdout)
-    assert info["max positions"] == 8192 and info["model"] == files["model"]
+    assert info["max_positions"] == 8192 and info["model"] == files["model"]  # numbers, not display strings
+    assert info["decoder"]["width"] == 16 and info["vision"]["image_tokens"] == 4 and info["parameters"]["total"] > 0
 
 
 def test_help(happy_runs):

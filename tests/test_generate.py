@@ -53,7 +53,8 @@ def test_stream_yields_the_text_piece_by_piece(ckpt):
     *pieces, result = items
     assert isinstance(result, GenerationResult) and all(isinstance(p, str) for p in pieces)
     assert "".join(pieces) == result.text == model.generate(image(0), "caption en", max_new_tokens=12).text
-    assert result.stats["new_tokens"] == len(result.token_ids) + (result.finish_reason == "eos")
+    assert result.stats["new_tokens"] == len(result.token_ids)  # the answer's tokens, as returned
+    assert result.stats["steps"] == len(result.token_ids) + (result.finish_reason == "eos")  # + the stop step
 
 
 def test_stats_report_the_phases(ckpt):

@@ -1,7 +1,8 @@
 """The `npvlm` command: the parser, the error policy, and the helpers every subcommand shares.
 
     npvlm demo                                   make a scene, caption it, answer, detect, draw
-    npvlm generate --image cat.jpg --prompt "caption en" [--model DIR] [--backend numpy|cupy]
+    npvlm generate --image cat.jpg --prompt "caption en" [--model DIR|ORG/NAME] [--backend numpy|cupy]
+    npvlm generate -i a.jpg -i photos/ -p "caption en" -p "detect cat"   every image x every prompt
     npvlm info --model DIR                       config, parameter counts, memory; loads no weights
 
 One module per subcommand beside this one (generate.py, info.py, demo.py), each with `add_parser`
@@ -21,22 +22,31 @@ from ..errors import ImageError, NpvlmError
 
 
 def progress_printer(stream=sys.stderr, min_bytes=64 << 20):
-    """A progress callback for load(): a one-line bar on stderr for checkpoints of 64 MiB or more."""
-    state = {"t0": time.perf_counter(), "last": 0.0}
+    """A progress callback for load(): on a terminal a one-line bar redrawn with \\r; into a file or pipe
+    plain lines, one per quarter; nothing for checkpoints under 64 MiB."""
+    state = {"t0": time.perf_counter(), "last": 0.0, "quarter": -1}
+    tty = hasattr(stream, "isatty") and stream.isatty()
 
     def progress(done, total, name):
         if total < min_bytes:
             return
         now = time.perf_counter()
-        if done < total and now - state["last"] < 0.2:
-            return
-        state["last"] = now
         frac = done / total if total else 1.0
-        bar = "#" * int(30 * frac)
-        stream.write(f"\rloading {os.path.basename(name):<34.34} [{bar:<30}] {frac:4.0%} "
-                     f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {now - state['t0']:.0f}s")
-        if done >= total:
-            stream.write("\n")
+        if tty:
+            if done < total and now - state["last"] < 0.2:
+                return
+            bar = "#" * int(30 * frac)
+            stream.write(f"\rloading {os.path.basename(name):<34.34} [{bar:<30}] {frac:4.0%} "
+                         f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {now - state['t0']:.0f}s")
+            if done >= total:
+                stream.write("\n")
+        else:
+            quarter = int(4 * frac)
+            if quarter <= state["quarter"]:
+                return
+            state["quarter"] = quarter
+            stream.write(f"loading {frac:4.0%} {done / 1e9:.2f}/{total / 1e9:.2f} GB {now - state['t0']:.0f}s\n")
+        state["last"] = now
         stream.flush()
 
     return progress
@@ -59,19 +69,51 @@ def _threads(text: str) -> int:
     return n
 
 
+class Once(argparse.Action):
+    """An option that may be given once: a second value is an error, never silently dropped."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "_seen_" + self.dest, False):
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, then {values!r}); give it once")
+        setattr(namespace, "_seen_" + self.dest, True)
+        setattr(namespace, self.dest, values)
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def default_threads(cores: int | None = None, load: float | None = None) -> int:
+    """BLAS threads when --threads is not given: the cores free to this process (its CPU affinity), less the
+    ones other processes keep busy (1-minute load average, rounded), at least 1. OpenBLAS threads busy-wait
+    on each other, so one thread more than there are free cores makes every matmul wait for a descheduled one."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on this platform
+            load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
 def add_model_args(p):
-    p.add_argument("--model", "-m", metavar="DIR", default=None,
-                   help="HF PaliGemma model folder (config.json, *.safetensors, tokenizer); default: the embedded shapes model")
-    p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (CUDA GPU); default numpy")
-    p.add_argument("--threads", type=_threads, default=None, help="BLAS threads on the CPU (default: the library's own)")
+    p.add_argument("--model", "-m", metavar="DIR|ORG/NAME", default=None, action=Once,
+                   help="HF PaliGemma model folder (config.json, *.safetensors, tokenizer), or a Hub id such as "
+                        "google/paligemma2-3b-mix-224 found in the Hugging Face cache; default: the embedded shapes model")
+    p.add_argument("--download", action="store_true",
+                   help="download a Hub id through huggingface_hub when it is not cached (never done otherwise)")
+    p.add_argument("--backend", default="numpy", action=Once, help="numpy (CPU) or cupy (CUDA GPU); default numpy")
+    p.add_argument("--threads", type=_threads, default=None, action=Once,
+                   help="BLAS threads on the CPU (default: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the cores "
+                        "free to this process less those busy with other work, at least 1)")
 
 
 def add_sampling_args(p):
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64, action=Once, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, action=Once, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, action=Once, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, action=Once, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling (needs --temperature > 0)")
 
 
 SUBCOMMANDS = (
@@ -87,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     ap = _Parser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
+    ap.add_argument("--version", action="version", version=f"npvlm {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:  # each a module of npvlm.apps with add_parser(sub) and run(args)
         module = importlib.import_module(f"{__package__}.{name}")
@@ -98,9 +141,15 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"npvlm: warning: {message}", file=sys.stderr)
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():  # restores the caller's warning display on the way out
             warnings.showwarning = _warn_one_line
             return args.run(args)
@@ -118,10 +167,17 @@ def load_model(args):
     from .. import load
     from ..backends import get_backend
 
+    from ..io.hub import looks_like_hub_id, resolve_model
+
     backend = get_backend(args.backend)
     if args.threads is not None:
         backend.set_threads(args.threads)
-    return load(args.model, backend=backend, progress=progress_printer())
+    elif not any(os.environ.get(v) for v in _THREAD_VARS):  # a thread count set in the environment is kept
+        backend.set_threads(default_threads())
+    model = args.model
+    if looks_like_hub_id(model):
+        model = resolve_model(model, download=getattr(args, "download", False))
+    return load(model, backend=backend, progress=progress_printer())
 
 
 def argv_text(text: str, flag: str) -> str:
@@ -151,12 +207,18 @@ def check_output(path: str, flag: str) -> None:
         raise ImageError(f"{path}: {flag}: the folder {folder} is not writable")
 
 
-def format_stats(st, model) -> str:
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.0f} ms" if t < 1.0 else f"{t:.2f} s"
+
+
+def format_stats(st, model, generated: int | None = None) -> str:
+    """The closing line. `generated`: the tokens the results hold (default: the stats' new_tokens)."""
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     dev = f", device peak {mb(st['peak_device_bytes'])}" if st.get("peak_device_bytes") else ""
-    return (f"load {st['load_seconds']:.2f} s | image encode {st['image_seconds'] * 1e3:.0f} ms | "
-            f"prefill {st['prompt_tokens']} tokens {st['prefill_seconds']:.2f} s ({st['prefill_tokens_per_second']:.0f} tok/s) | "
-            f"decode {st['new_tokens']} tokens ({st['decode_tokens_per_second']:.1f} tok/s) | "
+    n = st["new_tokens"] if generated is None else generated
+    return (f"load {st['load_seconds']:.2f} s | image encode {_seconds(st['image_seconds'])} | "
+            f"prefill {st['prompt_tokens']} tokens {_seconds(st['prefill_seconds'])} ({st['prefill_tokens_per_second']:.0f} tok/s) | "
+            f"decode {n} token{'s' if n != 1 else ''} ({st['decode_tokens_per_second']:.1f} tok/s) | "
             f"peak RSS {mb(st['peak_rss_bytes'])}{dev} | backend {st['backend']}{_blas_info(model)}")
 
 
@@ -167,7 +229,8 @@ def _blas_info(model) -> str:
         from threadpoolctl import threadpool_info
 
         blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        return f" ({blas[0]['internal_api']}, {blas[0]['num_threads']} threads)" if blas else ""
+        n = blas[0]["num_threads"] if blas else 0
+        return f" ({blas[0]['internal_api']}, {n} thread{'s' if n != 1 else ''})" if blas else ""
     except Exception:  # noqa: BLE001 - informational only
         return ""
 

@@ -14,18 +14,16 @@ def add_parser(sub):
     d = sub.add_parser("demo", help="run the embedded shapes model on a synthetic scene")
     add_model_args(d)
     d.add_argument("--seed", type=int, default=7, help="which scene to make (default 7)")
-    d.add_argument("--out", default=None, help="where to write the picture with boxes (default: a temp file)")
+    d.add_argument("--out", default=None, help="where to write the picture with boxes (default: npvlm-demo-SEED.png here)")
     return d
 
 
 def run(args) -> int:
-    import tempfile
-
     from ..demo.scenes import make_scene
     from ..postprocess import draw_detections
 
-    if args.out:
-        check_output(args.out, "--out")
+    out = args.out or f"npvlm-demo-{args.seed}.png"  # in the current folder, where the user will look
+    check_output(out, "--out")
     model = load_model(args)
     scene = make_scene(args.seed)
     img = scene.image
@@ -36,12 +34,11 @@ def run(args) -> int:
         res = model.generate(img, p, max_new_tokens=32)
         print(f"  {p:<28} -> {res.text}")
         dets += res.detections
-    out = args.out or os.path.join(tempfile.gettempdir(), f"npvlm-demo-{args.seed}.png")
     try:
         draw_detections(img, dets).save(out)
     except (OSError, ValueError) as e:
         raise ImageError(f"{out}: cannot write the demo image ({e})") from None
-    print(f"boxes drawn: {out}")
+    print(f"boxes drawn: {os.path.abspath(out)}")
     print(f"{len(prompts)} prompts in {time.perf_counter() - t0:.2f} s; last: " + format_stats(res.stats, model),
           file=sys.stderr)
     return 0

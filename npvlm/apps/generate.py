@@ -1,94 +1,163 @@
-"""`npvlm generate`: one image and a prompt in, the answer streamed to stdout (or one JSON object)."""
+"""`npvlm generate`: images and prompts in, the answers out (streamed for one pair, or as JSON).
+
+    -i cat.jpg -p "caption en"                    the answer streamed to stdout as it is generated
+    -i a.jpg -i photos/ -p "caption en" -p "detect cat"
+                                                  every image x every prompt, run as batches; one line each,
+                                                  `IMAGE [PROMPT]: answer`
+    --json                                        one object (one pair) or a list of objects (several)
+
+Ctrl-C stops the generation: the text so far is kept (finish_reason "interrupted"), the stats line is
+printed, and the exit status is 130.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 
-from ..errors import ImageError
-from .cli import add_model_args, add_sampling_args, argv_text, check_output, format_stats, load_model
+from ..errors import GenerationError, ImageError
+from .cli import Once, add_model_args, add_sampling_args, argv_text, check_output, format_stats, load_model
 
 
 def add_parser(sub):
-    g = sub.add_parser("generate", help="generate text for an image and a prompt")
+    g = sub.add_parser("generate", help="generate text for images and prompts")
     add_model_args(g)
-    g.add_argument("--image", "-i", required=True, help="image file (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM)")
-    g.add_argument("--prompt", "-p", default="caption en", help='task prompt, e.g. "caption en", "detect cat" (default: caption en)')
+    g.add_argument("--image", "-i", required=True, action="append",
+                   help="image file (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM) or a folder of them; repeatable")
+    g.add_argument("--prompt", "-p", action="append", default=None,
+                   help='task prompt, e.g. "caption en", "detect cat" (default: caption en); repeatable')
     add_sampling_args(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, boxes, stats) instead of streaming")
-    g.add_argument("--draw", metavar="OUT.png", help="draw the detected boxes onto the image and save it here")
+    g.add_argument("--batch-size", type=int, default=8, action=Once, help="(image, prompt) pairs per batch (default 8)")
+    g.add_argument("--json", action="store_true", help="print JSON (text, token ids, boxes, stats) instead of streaming")
+    g.add_argument("--draw", metavar="OUT.png", action=Once, help="draw the detected boxes onto the image and save it here")
     g.add_argument("--no-exif", action="store_true", help="ignore the EXIF orientation tag")
     return g
 
 
+def image_paths(items) -> list[str]:
+    """--image values: files as given, folders replaced by their image files (sorted by name)."""
+    from PIL import Image
+
+    exts = set(Image.registered_extensions())
+    out = []
+    for item in items:
+        path = os.path.expanduser(item)
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if os.path.splitext(n)[1].lower() in exts and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise ImageError(f"{item}: is a directory with no image files in it")
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
 def run(args) -> int:
-    from ..generation.sampling import check_params
+    from ..generation.generate import Sampling
     from ..io.images import load_image
 
     # everything that can be checked without the model is checked before loading it (which may take minutes)
-    check_params(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-    prompt = argv_text(args.prompt, "--prompt")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    if args.seed is not None and args.temperature == 0:
+        warnings.warn("--seed has no effect without --temperature > 0: greedy decoding ignores it")
+    if args.batch_size < 1:
+        raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = [argv_text(p, "--prompt") for p in (args.prompt or ["caption en"])]
+    paths = image_paths(args.image)
     if args.draw:
+        if len(paths) > 1:
+            raise ImageError(f"{args.draw}: --draw takes one image, got {len(paths)}; run one command per image")
         check_output(args.draw, "--draw")
-    image = load_image(args.image, exif=not args.no_exif)  # decoded, upright RGB
+    images = [load_image(p, exif=not args.no_exif) for p in paths]  # decoded, upright RGB
     model = load_model(args)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, exif=False)  # EXIF already applied
+    pairs = [(i, p) for i in range(len(images)) for p in prompts]
+    stream = len(pairs) == 1 and not args.json
+    results, stats, interrupted = [], None, False
+    for k in range(0, len(pairs), args.batch_size):
+        chunk = pairs[k:k + args.batch_size]
+        res, stats, interrupted = run_batch(model, [images[i] for i, _ in chunk], [p for _, p in chunk], sampling,
+                                            stream=stream)
+        results += [(paths[i], r) for (i, _), r in zip(chunk, res)]
+        last = res
+        if interrupted:
+            break
     if args.json:
-        res = model.generate(image, prompt, **kw)
-        print(json.dumps(_result_json(res), ensure_ascii=False))
-    else:
-        res = None
-        for piece in model.stream(image, prompt, **kw):
-            if isinstance(piece, str):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            else:
-                res = piece
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    if args.draw:
-        _draw(image, res, args.draw)
-    print(format_stats(res.stats, model), file=sys.stderr)
+        items = [dict(image=path, **_result_json(r)) for path, r in results]
+        print(json.dumps(items[0] if len(pairs) == 1 else items, ensure_ascii=False))
+    elif not stream:
+        for path, r in results:
+            print(f"{path} [{r.prompt}]: {r.text}")
+    sys.stdout.flush()
+    if args.draw and results:
+        _draw(images[0], [d for _, r in results for d in r.detections], args.draw)
+    if stats is not None:
+        batches = -(-len(results) // args.batch_size)
+        print((f"{batches} batches; the last: " if batches > 1 else "")
+              + format_stats(stats, model, generated=sum(len(r.token_ids) for r in last)), file=sys.stderr)
+    if interrupted:
+        print(f"npvlm: interrupted after {len(results)} of {len(pairs)} answer(s)", file=sys.stderr)
+        return 130
     return 0
+
+
+def run_batch(model, images, prompts, sampling, *, stream=False):
+    """Generate for one batch: (results, stats, interrupted). With `stream` (one pair), text goes to stdout as
+    it comes. On Ctrl-C the tokens generated so far become the results, finish_reason "interrupted"; an
+    interrupt before the prefill has finished propagates (there is nothing to report)."""
+    from ..generation.generate import collect, finish_stats, stream_text
+
+    steps, stats = model._run(images, prompts, sampling, False)  # EXIF already applied
+    rows, interrupted = [], False
+
+    def recorded():
+        for step in steps:
+            rows.append(step)
+            yield step
+
+    try:
+        if stream:
+            for piece in stream_text(recorded(), model.tokenizer, model.stop_ids, prompts[0], stats["image_sizes"][0], stats):
+                if isinstance(piece, str):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        else:
+            for _ in recorded():
+                pass
+    except KeyboardInterrupt:
+        interrupted = True
+        steps.close()  # the decode time is recorded on the way out
+        if "prompt_tokens" not in stats:
+            raise
+    finally:
+        if stream:
+            sys.stdout.write("\n")  # the text so far ends with a newline, interrupted or not
+            sys.stdout.flush()
+    results = collect(iter(rows), model.tokenizer, model.stop_ids, prompts, stats["image_sizes"], stats)
+    if interrupted:
+        for r in results:
+            if r.finish_reason == "length":
+                r.finish_reason = "interrupted"
+    return results, finish_stats(stats, model.backend, model.load_seconds), interrupted
 
 
 def _result_json(res):
     return {"prompt": res.prompt, "text": res.text, "token_ids": [int(t) for t in res.token_ids],
             "finish_reason": res.finish_reason,
             "detections": [{"label": d.label, "box": [round(float(c), 1) for c in d.box]} for d in res.detections],
+            "segments": [{"label": s.label, "box": [round(float(c), 1) for c in s.box], "codes": list(s.codes)}
+                         for s in res.segments],
             "stats": {k: v for k, v in res.stats.items() if k != "image_sizes"}}
 
 
-def _draw(image, res, out):
+def _draw(image, detections, out):
     from ..postprocess import draw_detections
 
-    img = draw_detections(image, res.detections)
+    img = draw_detections(image, detections)
     try:
         img.save(out)
     except (OSError, ValueError) as e:
         raise ImageError(f"{out}: cannot write the drawn image ({e})") from None
-    print(f"drew {len(res.detections)} box(es) into {out}", file=sys.stderr)
-
-
-def format_stats(st, model) -> str:
-    mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
-    dev = f", device peak {mb(st['peak_device_bytes'])}" if st.get("peak_device_bytes") else ""
-    return (f"load {st['load_seconds']:.2f} s | image encode {st['image_seconds'] * 1e3:.0f} ms | "
-            f"prefill {st['prompt_tokens']} tokens {st['prefill_seconds']:.2f} s ({st['prefill_tokens_per_second']:.0f} tok/s) | "
-            f"decode {st['new_tokens']} tokens ({st['decode_tokens_per_second']:.1f} tok/s) | "
-            f"peak RSS {mb(st['peak_rss_bytes'])}{dev} | backend {st['backend']}{_blas_info(model)}")
-
-
-def _blas_info(model) -> str:
-    if model.backend.name != "numpy":
-        return ""
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        return f" ({blas[0]['internal_api']}, {blas[0]['num_threads']} threads)" if blas else ""
-    except Exception:  # noqa: BLE001 - informational only
-        return ""
-
-
+    print(f"drew {len(detections)} box(es) into {out}", file=sys.stderr)

@@ -40,7 +40,7 @@ class Sampling:
 class GenerationResult:
     text: str  # decoded answer, special tokens skipped (<locNNNN> / <segNNN> kept)
     token_ids: list  # generated ids, eos excluded
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos" or "length" ("interrupted" from the CLI on Ctrl-C)
     prompt: str = ""
     image_size: tuple = (0, 0)  # (width, height) of the original image, for mapping boxes back
     stats: dict = field(default_factory=dict)
@@ -51,6 +51,13 @@ class GenerationResult:
         from ..postprocess import parse_detections
 
         return parse_detections(self.text, *self.image_size)
+
+    @property
+    def segments(self):
+        """`<loc>x4 <seg>x16 label` pieces: boxes in original image pixels and the 16 raw VQ-VAE codes (no masks)."""
+        from ..postprocess import parse_segments
+
+        return parse_segments(self.text, *self.image_size)
 
 
 def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, stop_ids, stats: dict):
@@ -67,19 +74,24 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
     chosen = _pick(logits, sampling, rng)  # [B] on the device
     ids = [int(i) for i in backend.to_host(chosen)]  # reading it back waits for the device
     t1 = time.perf_counter()
-    stats.update(prompt_tokens=T, batch=B, prefill_seconds=t1 - t0, new_tokens=0, kv_cache_bytes=cache.nbytes)
+    # steps: tokens picked, the stop step included; new_tokens: the longest row's answer, as results return it
+    stats.update(prompt_tokens=T, batch=B, prefill_seconds=t1 - t0, new_tokens=0, steps=0, kv_cache_bytes=cache.nbytes)
     done = [False] * B
-    for i in range(sampling.max_new_tokens):
-        ids = [cfg.pad_token_id if done[b] else ids[b] for b in range(B)]
-        done = [done[b] or ids[b] in stop_ids for b in range(B)]
-        stats["new_tokens"] = i + 1
-        yield ids
-        if all(done) or i == sampling.max_new_tokens - 1:
-            break
-        state = advance(state, xp.astype(chosen, xp.int64))
-        chosen = _pick(decode_step(params, state, cfg=cfg), sampling, rng)
-        ids = [int(i) for i in backend.to_host(chosen)]
-    stats["decode_seconds"] = time.perf_counter() - t1
+    try:  # an interrupted run still has its decode time (the CLI reports what it generated)
+        for i in range(sampling.max_new_tokens):
+            ids = [cfg.pad_token_id if done[b] else ids[b] for b in range(B)]
+            fresh = [not done[b] and ids[b] not in stop_ids for b in range(B)]
+            done = [done[b] or ids[b] in stop_ids for b in range(B)]
+            stats["steps"] = i + 1
+            stats["new_tokens"] += any(fresh)
+            yield ids
+            if all(done) or i == sampling.max_new_tokens - 1:
+                break
+            state = advance(state, xp.astype(chosen, xp.int64))
+            chosen = _pick(decode_step(params, state, cfg=cfg), sampling, rng)
+            ids = [int(i) for i in backend.to_host(chosen)]
+    finally:
+        stats["decode_seconds"] = time.perf_counter() - t1
 
 
 def _pick(logits, sampling: Sampling, rng):  # [B, V] -> [B] ids on the device
@@ -126,7 +138,7 @@ def finish_stats(stats: dict, backend, load_seconds: float) -> dict:
     stats["load_seconds"] = load_seconds
     dec = stats.get("decode_seconds", 0.0)
     stats["prefill_tokens_per_second"] = stats["prompt_tokens"] * stats["batch"] / max(stats["prefill_seconds"], 1e-9)
-    stats["decode_tokens_per_second"] = max(stats["new_tokens"] - 1, 0) * stats["batch"] / dec if dec > 0 else 0.0
+    stats["decode_tokens_per_second"] = max(stats["steps"] - 1, 0) * stats["batch"] / dec if dec > 0 else 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats["peak_rss_bytes"] = rss if sys.platform == "darwin" else rss * 1024
     stats["peak_device_bytes"] = backend.peak_memory()

@@ -54,7 +54,7 @@ def load_image(src, *, exif: bool = True) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _open(io.BytesIO(bytes(src)), "<bytes>", exif)
     if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
+        path = os.path.expanduser(os.fspath(src))  # "~/cat.jpg" as a shell would
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         return _open(path, path, exif)

@@ -12,6 +12,7 @@ Every error in the input is one line `npvlm: error: ...` on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -64,6 +65,7 @@ def add_model_args(p):
                    help="HF PaliGemma model folder (config.json, *.safetensors, tokenizer); default: the embedded shapes model")
     p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (CUDA GPU); default numpy")
     p.add_argument("--threads", type=_threads, default=None, help="BLAS threads on the CPU (default: the library's own)")
+    p.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the files")
 
 
 def add_sampling_args(p):
@@ -100,8 +102,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("npvlm: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `npvlm generate ... | head -c 10`
+    except BrokenPipeError:  # e.g. `npvlm generate ... | head -1`: the reader is gone, nothing to say
+        _quiet_stdout()
         return 0
+    except OSError as e:  # stdout to /dev/full, a full disk under `> out.txt`
+        if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EPIPE):
+            _quiet_stdout()
+            print(f"npvlm: error: cannot write the output ({e.strerror or e})", file=sys.stderr)
+            return 1
+        raise
+
+
+def _quiet_stdout():
+    """Point stdout at devnull so the interpreter's final flush has nowhere to fail (Python's docs, signal module)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by something without a descriptor
+        pass
 
 
 def load_model(args):
@@ -111,7 +129,7 @@ def load_model(args):
     backend = get_backend(args.backend)
     if args.threads is not None:
         backend.set_threads(args.threads)
-    return load(args.model, backend=backend, progress=progress_printer())
+    return load(args.model, backend=backend, progress=progress_printer(), mmap=not getattr(args, "no_mmap", False))
 
 
 def argv_text(text: str, flag: str) -> str:

@@ -34,23 +34,42 @@ def run(args) -> int:
     model = load_model(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed, exif=False)  # EXIF already applied
+    out = _Console(sys.stdout)
     if args.json:
         res = model.generate(image, prompt, **kw)
-        print(json.dumps(_result_json(res), ensure_ascii=False))
+        out.write(json.dumps(_result_json(res), ensure_ascii=False) + "\n")
     else:
         res = None
         for piece in model.stream(image, prompt, **kw):
             if isinstance(piece, str):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                out.write(piece)
             else:
                 res = piece
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        out.write("\n")
     if args.draw:
         _draw(image, res, args.draw)
     print(format_stats(res.stats, model), file=sys.stderr)
     return 0
+
+
+class _Console:
+    """Writes to a stream whose encoding may not show the text (PYTHONIOENCODING=cp1252 and a CJK answer):
+    what it cannot encode becomes '?', with one warning on stderr the first time."""
+
+    def __init__(self, stream):
+        self.stream, self.warned = stream, False
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError as e:
+            enc = getattr(self.stream, "encoding", None) or "ascii"
+            if not self.warned:
+                self.warned = True
+                print(f"npvlm: warning: stdout's encoding {enc} cannot show {e.object[e.start:e.end]!r}; such "
+                      f"characters are written as '?' (set PYTHONIOENCODING=utf-8)", file=sys.stderr)
+            self.stream.write(text.encode(enc, "replace").decode(enc))
+        self.stream.flush()
 
 
 def _result_json(res):

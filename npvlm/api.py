@@ -70,7 +70,7 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
 def _generation_eos(model_dir, vocab_size: int) -> frozenset:
     """The eos ids of generation_config.json (HF's generate stops at them too), or none."""
     path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return frozenset()
     eos = read_json_object(path, ConfigError, limit=1 << 20).get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]

@@ -138,14 +138,14 @@ class ImageProcessorConfig:
 def _settings_file(model_dir: str):
     """(where, settings dict) with HF's precedence, or None when neither file holds image settings."""
     nested = os.path.join(model_dir, "processor_config.json")
-    if os.path.isfile(nested):
+    if os.path.exists(nested):
         d = read_json_object(nested, ConfigError, limit=1 << 20)
         if "image_processor" in d:
             if not isinstance(d["image_processor"], dict):
                 raise ConfigError(f"{nested}: image_processor must be an object, got {type(d['image_processor']).__name__}")
             return f"{nested} (image_processor)", d["image_processor"]
     path = os.path.join(model_dir, "preprocessor_config.json")
-    if os.path.isfile(path):
+    if os.path.exists(path):
         return path, read_json_object(path, ConfigError, limit=1 << 20)
     return None
 

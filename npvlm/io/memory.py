@@ -1,6 +1,6 @@
 """How much memory a load or a generation will take, checked against what the machine has, before allocating.
 
-    available_bytes()                     min(cgroup limit - usage, MemAvailable, NPVLM_MEMORY_LIMIT)
+    available_bytes()                     min(cgroup limit - usage, MemAvailable, ulimit -v room, NPVLM_MEMORY_LIMIT)
     check_sizes(cfg, where)               the config sizes that drive allocations are sane (layers, positions)
     load_estimate(infos, mmap)            host bytes the weights take once widened to float32
     generation_estimate(cfg, B, T, new)   KV cache + prefill activations for B rows of T prompt tokens + new
@@ -58,10 +58,25 @@ def _mem_available() -> int | None:
     return None
 
 
+def _address_space_room() -> int | None:
+    """Bytes left under `ulimit -v` (RLIMIT_AS) given this process's current VmSize, or None without a limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - vm)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
 def available_bytes() -> int | None:
-    """Memory this process may still allocate: the least of the cgroup room, MemAvailable and
-    NPVLM_MEMORY_LIMIT; None where none of them is known (then nothing is refused)."""
-    figures = [_cgroup_room(), _mem_available()]
+    """Memory this process may still allocate: the least of the cgroup room, MemAvailable, the room under
+    `ulimit -v` and NPVLM_MEMORY_LIMIT; None where none of them is known (then nothing is refused)."""
+    figures = [_cgroup_room(), _mem_available(), _address_space_room()]
     env = os.environ.get("NPVLM_MEMORY_LIMIT", "").strip()
     if env:
         if not env.isdigit():

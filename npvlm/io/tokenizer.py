@@ -194,7 +194,7 @@ def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
     added = {}
     for name in ("added_tokens.json", "tokenizer_config.json"):
         path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             continue
         d = read_json_object(path, TokenizerError, limit=16 << 20)
         table = d if name == "added_tokens.json" else d.get("added_tokens_decoder") or {}

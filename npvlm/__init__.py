@@ -37,15 +37,16 @@ _find_checkout_backends()
 __version__ = "0.1.0"
 
 
-def load(model_dir=None, backend="numpy", *, progress=None):
+def load(model_dir=None, backend="numpy", *, progress=None, mmap=True):
     """Load an HF PaliGemma model folder (the embedded shapes model if None) onto a backend.
 
     Returns a `npvlm.api.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
-    `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`.
+    `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`. `mmap=False` reads the weights
+    into memory instead of mapping the files.
     """
     from .api import load as _load
 
-    return _load(model_dir, backend=backend, progress=progress)
+    return _load(model_dir, backend=backend, progress=progress, mmap=mmap)
 
 
 __all__ = ["load", "NpvlmError", "BackendError", "ConfigError", "CheckpointError", "TokenizerError", "ImageError",

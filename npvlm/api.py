@@ -15,9 +15,11 @@ import time
 from .backends import get_backend
 from .errors import ConfigError, GenerationError
 from .generation.generate import Sampling, collect, finish_stats, generate_tokens, stream_text
-from .io.checkpoint import load_weights, unflatten
+from .io.checkpoint import file_identity, load_weights, read_headers, unflatten
+from .io.files import bad_number, read_json_object
 from .io.hub import looks_like_hub_id, resolve_model
 from .io.images import ImageProcessorConfig
+from .io.memory import check_generation, check_sizes
 from .io.tokenizer import Tokenizer
 from .models.paligemma import forward, image_features, prefix_lm_masks
 from .models.paligemma_config import PaliGemmaConfig
@@ -27,12 +29,14 @@ from .models.paligemma_schema import paligemma_schema
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes_model")
 
 
-def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> "PaliGemmaModel":
+def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: bool = True) -> "PaliGemmaModel":
     """Load an HF PaliGemma model folder (config.json, *.safetensors, tokenizer) onto `backend`.
 
     With no folder, the small shapes model that ships inside npvlm is loaded. An `org/name` that is not a
-    local folder is looked up in the Hugging Face cache (npvlm/io/hub.py; never downloaded from here). Everything is
-    checked (config, tokenizer, every tensor name and shape) before any weight is mapped.
+    local folder is looked up in the Hugging Face cache (npvlm/io/hub.py; never downloaded from here).
+    Everything is checked (config, tokenizer, every tensor name and shape, the memory it will take) before
+    any weight is mapped. `mmap=False` reads the weights into memory, so the files may change afterwards;
+    with mmap (the default) a checkpoint that changes on disk is refused at the next generate call.
     """
     t0 = time.perf_counter()
     model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
@@ -40,6 +44,7 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> "Pa
         model_dir = resolve_model(model_dir)
     be = get_backend(backend)
     cfg = PaliGemmaConfig.from_dir(model_dir)
+    check_sizes(cfg, os.path.join(model_dir, "config.json"))  # before any table or cache is sized from it
     tok = Tokenizer.from_dir(model_dir, image_token_id=cfg.image_token_index)
     if tok.image_id is not None and tok.image_id != cfg.image_token_index:
         raise ConfigError(f"{model_dir}: the tokenizer's <image> id {tok.image_id} differs from config.json's "
@@ -48,10 +53,35 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None) -> "Pa
         raise ConfigError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                           f"{cfg.text.vocab_size}")
     processor = ImageProcessorConfig.from_dir(model_dir, cfg.vision.image_size)
-    flat = load_weights(model_dir, paligemma_schema(cfg), progress=progress)
+    headers = read_headers(model_dir)
+    schema = paligemma_schema(cfg)
+    held = sum(len(h) for h in headers[0].values())
+    if len(schema.required) > held:
+        raise ConfigError(f"{os.path.join(model_dir, 'config.json')}: describes a model of {len(schema.required)} tensors "
+                          f"(text_config.num_hidden_layers {cfg.text.num_hidden_layers}, vision_config.num_hidden_layers "
+                          f"{cfg.vision.num_hidden_layers}) but the checkpoint holds {held}")
+    identities = {}
+    flat = load_weights(model_dir, schema, progress=progress, mmap=mmap, headers=headers,
+                        identities=identities if mmap else None)
     params = unflatten({k: be.asarray(v) for k, v in flat.items()})
     be.synchronize()
-    return PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
+    model = PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
+    model.stop_ids = model.stop_ids | _generation_eos(model_dir, cfg.text.vocab_size)
+    model.mapped_files = identities  # {path: (size, mtime_ns, inode)}: checked before each generation
+    return model
+
+
+def _generation_eos(model_dir, vocab_size: int) -> frozenset:
+    """The eos ids of generation_config.json (HF's generate stops at them too), or none."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return frozenset()
+    eos = read_json_object(path, ConfigError, limit=1 << 20).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    for i in ids:
+        if bad_number(i, True) or not 0 <= i < vocab_size:
+            raise ConfigError(f"{path}: eos_token_id must be token ids in [0, {vocab_size}), got {eos!r}"[:200])
+    return frozenset(ids)
 
 
 class PaliGemmaModel:
@@ -61,13 +91,27 @@ class PaliGemmaModel:
         self.processor = processor  # image size, mean, std, ... from preprocessor_config.json
         self.model_dir, self.load_seconds = model_dir, load_seconds
         self.stop_ids = frozenset(config.eos_token_ids) | {tokenizer.eos_id}  # generation ends at any of these
+        self.mapped_files = {}  # {path: file_identity}: the files the parameters are views of
 
     def __repr__(self):
         t, v = self.config.text, self.config.vision
         return (f"<PaliGemmaModel {t.model_type} {t.num_hidden_layers}x{t.hidden_size}, SigLIP {v.num_hidden_layers}x"
                 f"{v.hidden_size} @ {v.image_size}px, {self.config.num_image_tokens} image tokens, backend {self.backend.name}>")
 
+    def check_files(self):
+        """Refuse to touch mapped weights whose file has changed since load (a page would read the new bytes,
+        or SIGBUS on a truncated file)."""
+        for path, ident in self.mapped_files.items():
+            try:
+                now = file_identity(path)
+            except OSError:
+                now = None
+            if now != ident:
+                raise GenerationError(f"{path}: checkpoint changed on disk since it was loaded: reload it "
+                                      f"(npvlm.load(..., mmap=False) / --no-mmap reads it into memory)")
+
     def encode_images(self, rgb):  # upright RGB PIL images -> image features on the device [B, N, D]
+        self.check_files()  # the first use of the weights in generate / stream / logits
         return image_features(pixel_batch(rgb, self.processor, self.backend), self.params, cfg=self.config)
 
     def logits(self, image, prompt: str, suffix: str | None = None, *, exif=True):
@@ -107,6 +151,8 @@ class PaliGemmaModel:
     def _run(self, images, prompts, sampling: Sampling, exif):
         """The prompts checked and laid out, the images encoded: (the token-step iterator, its stats)."""
         batch = prepare_prompts(self.tokenizer, self.config, self.backend, prompts, max_new_tokens=sampling.max_new_tokens)
+        if self.backend.name != "cupy":  # host memory; a GPU's own memory is the device's to refuse
+            check_generation(self.config, *batch.ids.shape, sampling.max_new_tokens)
         t0 = time.perf_counter()
         rgb = load_images(images, exif=exif)
         feats = self.encode_images(rgb)  # [B, N, D]

@@ -13,6 +13,7 @@ Every error in the input is one line `npvlm: error: ...` on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -106,6 +107,8 @@ def add_model_args(p):
     p.add_argument("--threads", type=_threads, default=None, action=Once,
                    help="BLAS threads on the CPU (default: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the cores "
                         "free to this process less those busy with other work, at least 1)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory instead of mapping the files (then they may change on disk)")
 
 
 def add_sampling_args(p):
@@ -159,8 +162,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("npvlm: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `npvlm generate ... | head -c 10`
+    except BrokenPipeError:  # e.g. `npvlm generate ... | head -1`: the reader is gone, nothing to say
+        _quiet_stdout()
         return 0
+    except OSError as e:  # stdout to /dev/full, a full disk under `> out.txt`
+        if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EPIPE):
+            _quiet_stdout()
+            print(f"npvlm: error: cannot write the output ({e.strerror or e})", file=sys.stderr)
+            return 1
+        raise
+
+
+def _quiet_stdout():
+    """Point stdout at devnull so the interpreter's final flush has nowhere to fail (Python's docs, signal module)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by something without a descriptor
+        pass
 
 
 def load_model(args):
@@ -177,7 +196,7 @@ def load_model(args):
     model = args.model
     if looks_like_hub_id(model):
         model = resolve_model(model, download=getattr(args, "download", False))
-    return load(model, backend=backend, progress=progress_printer())
+    return load(model, backend=backend, progress=progress_printer(), mmap=not getattr(args, "no_mmap", False))
 
 
 def argv_text(text: str, flag: str) -> str:

@@ -86,10 +86,10 @@ def run(args) -> int:
             break
     if args.json:
         items = [dict(image=path, **_result_json(r)) for path, r in results]
-        print(json.dumps(items[0] if len(pairs) == 1 else items, ensure_ascii=False))
+        OUT.write(json.dumps(items[0] if len(pairs) == 1 else items, ensure_ascii=False) + "\n")
     elif not stream:
         for path, r in results:
-            print(f"{path} [{r.prompt}]: {r.text}")
+            OUT.write(f"{path} [{r.prompt}]: {r.text}\n")
     sys.stdout.flush()
     if args.draw and results:
         _draw(images[0], [d for _, r in results for d in r.detections], args.draw)
@@ -121,8 +121,7 @@ def run_batch(model, images, prompts, sampling, *, stream=False):
         if stream:
             for piece in stream_text(recorded(), model.tokenizer, model.stop_ids, prompts[0], stats["image_sizes"][0], stats):
                 if isinstance(piece, str):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                    OUT.write(piece)
         else:
             for _ in recorded():
                 pass
@@ -133,14 +132,41 @@ def run_batch(model, images, prompts, sampling, *, stream=False):
             raise
     finally:
         if stream:
-            sys.stdout.write("\n")  # the text so far ends with a newline, interrupted or not
-            sys.stdout.flush()
+            OUT.write("\n")  # the text so far ends with a newline, interrupted or not
     results = collect(iter(rows), model.tokenizer, model.stop_ids, prompts, stats["image_sizes"], stats)
     if interrupted:
         for r in results:
             if r.finish_reason == "length":
                 r.finish_reason = "interrupted"
     return results, finish_stats(stats, model.backend, model.load_seconds), interrupted
+
+
+class _Console:
+    """Writes to a stream whose encoding may not show the text (PYTHONIOENCODING=cp1252 and a CJK answer):
+    what it cannot encode becomes '?', with one warning on stderr the first time."""
+
+    def __init__(self, stream):
+        self.stream, self.warned = stream, False
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError as e:
+            enc = getattr(self.stream, "encoding", None) or "ascii"
+            if not self.warned:
+                self.warned = True
+                print(f"npvlm: warning: stdout's encoding {enc} cannot show {e.object[e.start:e.end]!r}; such "
+                      f"characters are written as '?' (set PYTHONIOENCODING=utf-8)", file=sys.stderr)
+            self.stream.write(text.encode(enc, "replace").decode(enc))
+        self.stream.flush()
+
+
+class _Stdout:  # sys.stdout as it is at the time of the write (tests and the CLI may replace it)
+    def __getattr__(self, name):
+        return getattr(sys.stdout, name)
+
+
+OUT = _Console(_Stdout())
 
 
 def _result_json(res):

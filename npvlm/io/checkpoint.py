@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from .files import LFS_MAGIC, lfs_pointer_message
+from .files import LFS_MAGIC, check_regular, lfs_pointer_message
 from .safetensors_file import (TensorInfo, _array, _fail, _load_json, _map_file, _p, _q,  # noqa: F401
                                read_safetensors, read_safetensors_header)
 
@@ -52,6 +52,7 @@ def _shard_path(model_dir, rel, index_path, tensor) -> str:
 
 def _read_index(model_dir, index_path) -> dict[str, str]:
     """model.safetensors.index.json -> {tensor name: shard path}."""
+    check_regular(index_path, CheckpointError)
     try:
         with open(index_path, "rb") as f:
             raw = f.read(MAX_INDEX_BYTES + 1)
@@ -181,31 +182,60 @@ def _check_against_schema(found, schema: Schema, where) -> None:
         raise CheckpointError(f"{_p(where)}: weights do not match {schema.source}: " + "; ".join(p for p in problems if p))
 
 
-def load_weights(model_dir, schema: Schema, *, progress=None) -> dict[str, np.ndarray]:
+def file_identity(path) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode) of a file: what says it is still the file that was mapped."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def read_headers(model_dir) -> tuple[dict[str, dict[str, TensorInfo]], dict | None]:
+    """({file: {raw name: TensorInfo}}, index weight map or None): every header validated, no data read."""
+    files, wmap = _locate(model_dir)
+    return {path: read_safetensors_header(path) for path in files}, wmap
+
+
+def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True, headers=None,
+                 identities: dict | None = None) -> dict[str, np.ndarray]:
     """The model's weights as {canonical name: float32 host array}, or a CheckpointError; never half a model.
 
     Every header is validated and the key set and shapes are checked against the model family's
     `schema` before any tensor data is mapped. `progress(done_bytes, total_bytes, filename)` is
-    called after each tensor.
+    called after each tensor. The float32 memory the weights will take is checked against what is available
+    (memory.py) before the first array is made. `mmap=False` reads every tensor into memory (the file may then
+    change or vanish); with mmap, `identities` (if given) receives each file's (size, mtime_ns, inode).
+    `headers` is read_headers(model_dir), when the caller has it already.
     """
-    files, wmap = _locate(model_dir)
-    headers = {path: read_safetensors_header(path) for path in files}
+    from .memory import check_fits, gib, load_estimate
+
+    headers, wmap = read_headers(model_dir) if headers is None else headers
     found = _canonical_sources(_sources(headers, wmap, model_dir), schema, model_dir)
     _check_against_schema(found, schema, model_dir)
     for name in schema.optional:
         found.pop(name, None)  # e.g. a head tied to the embedding: its shape was checked, its data is not needed
     total = sum(t.nbytes for _, _, t in found.values())
+    anon, mapped = load_estimate([t for _, _, t in found.values()], mmap)
+    check_fits(anon, f"{_p(model_dir)}: loading {len(found)} tensors as float32" +
+               (f" (plus {gib(mapped)} of F32 mapped from the file)" if mapped else ""),
+               lambda: "" if mmap else "; try without --no-mmap")
     done, out, maps = 0, {}, {}
     for canon in schema.required:
         raw, path, info = found[canon]
         if path not in maps:
+            if identities is not None:
+                identities[path] = file_identity(path)
             maps[path] = _map_file(path)
             if maps[path][1] != headers[path]:
                 raise _fail(path, "changed on disk while loading")
-        out[canon] = _array(path, maps[path][0], raw, info)
+        out[canon] = _array(path, maps[path][0], raw, info, copy=not mmap)
         done += info.nbytes
         if progress is not None:
             progress(done, total, path)
+    if not mmap:  # every array is a copy: let go of the files now
+        for mm, _ in maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view still alive somewhere keeps its map open; harmless
+                pass
     return out
 
 

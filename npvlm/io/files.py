@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 
 from ..errors import show, show_path
 
@@ -24,8 +25,26 @@ def lfs_pointer_message(what: str) -> str:
     return f"is a git-LFS pointer, not the {what}: run `git lfs pull` (install git-lfs) in the model folder"
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular(path, error: type) -> "os.stat_result | None":
+    """os.stat(path) (through symlinks) for a regular file; anything else (a FIFO with no writer would block
+    open() forever, /dev/zero never ends) is one `error` line. A missing file is left to open() to report."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a plain file")
+        raise error(f"{show_path(path)}: is {kind}, not a regular file")
+    return st
+
+
 def read_bytes(path: str, what: str, error: type, limit: int = 1 << 30) -> bytes:
     """The bytes of `path`, or `error`: unreadable, over `limit`, empty, or a git-LFS pointer."""
+    check_regular(path, error)
     try:
         size = os.path.getsize(path)
         if size > limit:
@@ -79,6 +98,7 @@ def parse_json(raw: bytes, path: str, what: str | None, error: type, *, strict: 
 
 def read_json_object(path: str, error: type, limit: int = 16 << 20) -> dict:
     """The JSON object in `path`, or `error` with one line naming the file and what is wrong."""
+    check_regular(path, error)
     try:
         with open(path, "rb") as f:
             raw = f.read(limit + 1)

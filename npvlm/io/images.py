@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, ImageError
-from .files import read_json_object
+from .files import check_regular, read_json_object
 
 # Pillow plugin names. JPEG includes camera MPO files (the JPEG opener returns them); PPM covers PBM/PGM/PNM.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -57,6 +57,7 @@ def load_image(src, *, exif: bool = True) -> Image.Image:
         path = os.path.expanduser(os.fspath(src))  # "~/cat.jpg" as a shell would
         if isinstance(path, bytes):
             path = os.fsdecode(path)
+        check_regular(path, ImageError)  # a FIFO or /dev/zero would block or never end
         return _open(path, path, exif)
     raise ImageError(f"<{type(src).__name__}>: not an image (expected a path, bytes, a PIL image or a uint8 array)")
 
@@ -94,11 +95,13 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_dir(cls, model_dir, default_size: int) -> "ImageProcessorConfig":
-        """Read `model_dir/preprocessor_config.json` if present; its size must equal `default_size`."""
-        path = os.path.join(os.fspath(model_dir), "preprocessor_config.json")
-        if not os.path.isfile(path):
+        """The image settings HF's from_pretrained reads (transformers 5 image_processing_base): the
+        `image_processor` object inside `processor_config.json` first, else `preprocessor_config.json`,
+        else the defaults. The size must equal `default_size`."""
+        found = _settings_file(os.fspath(model_dir))
+        if found is None:
             return cls(size=int(default_size))
-        d = read_json_object(path, ConfigError, limit=1 << 20)
+        path, d = found
         try:
             size = d.get("size", {"height": default_size, "width": default_size})
             if isinstance(size, int):
@@ -132,6 +135,21 @@ class ImageProcessorConfig:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _settings_file(model_dir: str):
+    """(where, settings dict) with HF's precedence, or None when neither file holds image settings."""
+    nested = os.path.join(model_dir, "processor_config.json")
+    if os.path.exists(nested):
+        d = read_json_object(nested, ConfigError, limit=1 << 20)
+        if "image_processor" in d:
+            if not isinstance(d["image_processor"], dict):
+                raise ConfigError(f"{nested}: image_processor must be an object, got {type(d['image_processor']).__name__}")
+            return f"{nested} (image_processor)", d["image_processor"]
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.exists(path):
+        return path, read_json_object(path, ConfigError, limit=1 << 20)
+    return None
+
+
 def _size_hw(size) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size) if isinstance(size, (tuple, list)) else None
     if hw is None or len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 < v <= 16384 for v in hw):

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..errors import CheckpointError, show, show_path
-from .files import LFS_MAGIC, lfs_pointer_message, parse_json
+from .files import LFS_MAGIC, check_regular, lfs_pointer_message, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference's cap on N
 # safetensors dtype -> (bytes per element, little-endian NumPy dtype; None where NumPy has none)
@@ -155,6 +155,7 @@ def _file_reader(f):
 
 def read_safetensors_header(path) -> dict[str, TensorInfo]:
     """The validated tensor table of one safetensors file; no tensor data is read or mapped."""
+    check_regular(path, CheckpointError)
     try:
         with open(path, "rb") as f:
             return _parse_header(path, os.fstat(f.fileno()).st_size, _file_reader(f))[0]
@@ -164,6 +165,7 @@ def read_safetensors_header(path) -> dict[str, TensorInfo]:
 
 def _map_file(path):
     """mmap the whole file read-only and validate its header from the map: (map, infos)."""
+    check_regular(path, CheckpointError)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -175,8 +177,9 @@ def _map_file(path):
     return mm, _parse_header(path, len(mm), lambda o, c: mm[o : o + c])[0]
 
 
-def _array(path, mm, name: str, t: TensorInfo) -> np.ndarray:
-    """One tensor: F32 (and other NumPy dtypes) as a view of the map, BF16/F16 widened to float32."""
+def _array(path, mm, name: str, t: TensorInfo, copy: bool = False) -> np.ndarray:
+    """One tensor: F32 (and other NumPy dtypes) as a view of the map (a copy in memory with `copy`),
+    BF16/F16 widened to float32."""
     itemsize, code = DTYPES[t.dtype]
     count = t.nbytes // itemsize
     if t.dtype == "BF16":  # bfloat16 is the top half of a float32
@@ -189,6 +192,10 @@ def _array(path, mm, name: str, t: TensorInfo) -> np.ndarray:
     a = np.frombuffer(mm, dtype=code, count=count, offset=t.start).reshape(t.shape)
     if t.dtype == "F16":
         a = a.astype(np.float32)
+        _release(mm, t)
+    elif copy:
+        a = a.copy()
+        a.flags.writeable = False  # as read-only as the mapped view it replaces
         _release(mm, t)
     return a
 

@@ -25,6 +25,7 @@ import warnings
 
 from ..errors import TokenizerError
 from .files import read_bytes, read_json_object
+from .memory import MAX_ADDED_TOKENS
 from .spm_proto import modelproto_problem
 IMAGE_TOKEN = "<image>"
 _HF_NAMED_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # GemmaTokenizer's own special tokens
@@ -193,9 +194,12 @@ def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
     added = {}
     for name in ("added_tokens.json", "tokenizer_config.json"):
         path = os.path.join(model_dir, name)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             continue
-        d = read_json_object(path, TokenizerError, limit=64 << 20)
+        d = read_json_object(path, TokenizerError, limit=16 << 20)
+        table = d if name == "added_tokens.json" else d.get("added_tokens_decoder") or {}
+        if hasattr(table, "__len__") and len(table) > MAX_ADDED_TOKENS:  # counted before anything is built from it
+            raise TokenizerError(f"{path}: lists {len(table)} added tokens, more than npvlm supports ({MAX_ADDED_TOKENS})")
         try:
             if name == "added_tokens.json":
                 added.update({int(i): (str(t), t == IMAGE_TOKEN) for t, i in d.items()})

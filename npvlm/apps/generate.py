@@ -12,9 +12,12 @@ printed, and the exit status is 130.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from ..errors import GenerationError, ImageError
@@ -149,6 +152,10 @@ class _Console:
         self.stream, self.warned = stream, False
 
     def write(self, text: str) -> None:
+        with _no_interrupt():  # a Ctrl-C during the write lands after it: the output is never torn
+            self._write(text)
+
+    def _write(self, text: str) -> None:
         try:
             self.stream.write(text)
         except UnicodeEncodeError as e:
@@ -159,6 +166,19 @@ class _Console:
                       f"characters are written as '?' (set PYTHONIOENCODING=utf-8)", file=sys.stderr)
             self.stream.write(text.encode(enc, "replace").decode(enc))
         self.stream.flush()
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """SIGINT held back for the duration (delivered on exit, as a KeyboardInterrupt after the block)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class _Stdout:  # sys.stdout as it is at the time of the write (tests and the CLI may replace it)

@@ -198,3 +198,45 @@ def test_missing_head_weight_is_named(root, tmp_path):
     save_file(w, os.path.join(dst, "model.safetensors"))
     with pytest.raises(CheckpointError, match="vision_model.head.probe"):
         load_siglip(dst)
+
+
+def _cli(*argv):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "npvlm", *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_classify_and_embed_match_hf(root, tmp_path):
+    folder = checkpoint("odd", root)
+    paths = []
+    for k in range(2):
+        paths.append(str(tmp_path / f"im{k}.png"))
+        image(10 + k).save(paths[-1])
+    labels = ["cat", "Red square", "two dogs"]
+    r = _cli("classify", "--model", folder, "--image", *paths, "--labels", *labels, "--template", "a photo of {}.", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    imgs = [PIL.Image.open(p).convert("RGB") for p in paths]
+    _, _, logits_hf = hf_outputs(folder, imgs, [f"a photo of {lab}." for lab in labels])
+    sig = 1.0 / (1.0 + np.exp(-logits_hf.astype(np.float64)))
+    for k, item in enumerate(got):
+        assert item["image"] == paths[k]
+        np.testing.assert_allclose([item["probabilities"][lab] for lab in labels], sig[k], atol=1e-5, rtol=0)  # as above
+    r = _cli("classify", "--model", folder, "--image", paths[0], "--labels", *labels)
+    assert r.returncode == 0 and all(lab in r.stdout for lab in labels), r.stderr
+    out = str(tmp_path / "t.npy")
+    r = _cli("embed", "--model", folder, "--text", *labels, "--out", out)
+    assert r.returncode == 0, r.stderr
+    _, txt_hf, _ = hf_outputs(folder, imgs, labels)
+    np.testing.assert_allclose(np.load(out), txt_hf, atol=1e-4, rtol=0)  # float32 tower, as above
+
+
+def test_cli_refuses_the_other_model_kind(root, tmp_path):
+    from npvlm.api import EMBEDDED_MODEL
+
+    png = str(tmp_path / "x.png")
+    image(0).save(png)
+    r = _cli("classify", "--model", EMBEDDED_MODEL, "--image", png, "--labels", "a")
+    assert r.returncode == 2 and "'paligemma'" in r.stderr and "'siglip'" in r.stderr, r.stderr
+    r = _cli("generate", "--model", checkpoint("odd", root), "--image", png)
+    assert r.returncode == 2 and "'paligemma'" in r.stderr and "'siglip'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

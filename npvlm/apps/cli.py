@@ -75,11 +75,11 @@ def add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, info
+    from . import classify, demo, embed, generate, info
 
     ap = _Parser(prog="npvlm", description="PaliGemma in NumPy: image + prompt in, text out.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (generate, info, demo):
+    for module in (generate, info, demo, classify, embed):
         module.add_parser(sub).set_defaults(run=module.run)
     return ap
 
@@ -104,14 +104,14 @@ def main(argv=None) -> int:
         return 0
 
 
-def load_model(args):
-    from .. import load
+def load_model(args, want="paligemma"):
+    from ..api import load
     from ..backends import get_backend
 
     backend = get_backend(args.backend)
     if args.threads is not None:
         backend.set_threads(args.threads)
-    return load(args.model, backend=backend, progress=progress_printer())
+    return load(args.model, backend=backend, progress=progress_printer(), want=want)
 
 
 def argv_text(text: str, flag: str) -> str:

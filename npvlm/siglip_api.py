@@ -23,9 +23,9 @@ from .models.siglip_config import SiglipConfig
 from .models.siglip_schema import siglip_schema
 
 
-def load(model_dir, backend="numpy", *, progress=None) -> "SiglipModel":
+def load(model_dir, backend="numpy", *, progress=None, mask_padding: bool = False) -> "SiglipModel":
     """Load an HF SiglipModel folder (config.json, *.safetensors, spiece.model) onto `backend`; every
-    name and shape is checked against config.json before a weight is mapped."""
+    name and shape is checked against config.json before a weight is mapped. `mask_padding`: see SiglipModel."""
     t0 = time.perf_counter()
     model_dir = os.path.expanduser(os.fspath(model_dir))
     be = get_backend(backend)
@@ -38,14 +38,19 @@ def load(model_dir, backend="numpy", *, progress=None) -> "SiglipModel":
     flat = load_weights(model_dir, siglip_schema(cfg), progress=progress)
     params = unflatten({k: be.asarray(v) for k, v in flat.items()})
     be.synchronize()
-    return SiglipModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
+    return SiglipModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0,
+                       mask_padding=mask_padding)
 
 
 class SiglipModel:
     def __init__(self, config: SiglipConfig, params: dict, backend, tokenizer: SiglipTokenizer,
-                 processor: ImageProcessorConfig, model_dir: str | None = None, load_seconds: float = 0.0):
+                 processor: ImageProcessorConfig, model_dir: str | None = None, load_seconds: float = 0.0,
+                 mask_padding: bool = False):
         self.config, self.params, self.backend, self.tokenizer = config, params, backend, tokenizer
         self.processor, self.model_dir, self.load_seconds = processor, model_dir, load_seconds
+        # False: the pads are attended to, as in training and HF SiglipModel(input_ids=...); True: they are
+        # hidden, as transformers 5's zero-shot pipeline does (its tokenizer returns an attention_mask)
+        self.mask_padding = bool(mask_padding)
 
     def __repr__(self):
         v, t = self.config.vision, self.config.text
@@ -58,9 +63,10 @@ class SiglipModel:
         return S.image_embeds(self.params, pixel_batch(rgb, self.processor, self.backend), cfg=self.config)
 
     def _text_embeds(self, texts):  # -> device unit [C, D]
-        ids, _ = self.tokenizer(texts)  # padded to max_position_embeddings, as trained; the pads are not masked (HF)
+        ids, mask = self.tokenizer(texts)  # padded to max_position_embeddings, as trained
         arr = self.backend.asarray(np.asarray(ids, dtype=np.int64))
-        return S.text_embeds(self.params, arr, cfg=self.config)
+        valid = self.backend.asarray(np.asarray(mask, dtype=bool)) if self.mask_padding else None
+        return S.text_embeds(self.params, arr, cfg=self.config, valid=valid)
 
     def embed_images(self, images, *, exif=True) -> np.ndarray:
         """Paths / PIL images / uint8 arrays -> host float32 unit vectors [B, D]."""

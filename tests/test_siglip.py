@@ -240,3 +240,24 @@ def test_cli_refuses_the_other_model_kind(root, tmp_path):
     r = _cli("generate", "--model", checkpoint("odd", root), "--image", png)
     assert r.returncode == 2 and "'paligemma'" in r.stderr and "'siglip'" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@each_namespace
+def test_mask_padding_matches_hf_given_the_attention_mask(ns, root):
+    """transformers 5's tokenizer returns an attention_mask and its zero-shot pipeline passes it on: the pads are
+    then hidden. mask_padding=True reproduces that; the default (pads attended, as trained) is tested above."""
+    from transformers import SiglipModel, SiglipTokenizer
+
+    from npvlm.siglip_api import load as load_siglip
+
+    folder = checkpoint("wide-text", root)
+    hf = SiglipModel.from_pretrained(folder, dtype=torch.float32).eval()
+    t = SiglipTokenizer.from_pretrained(folder)(LABELS, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.get_text_features(**t)
+    ref = getattr(ref, "pooler_output", ref)  # transformers 5 returns a model output here
+    ref = (ref / ref.norm(dim=-1, keepdim=True)).numpy()
+    got = load_siglip(folder, backend=ns.backend, mask_padding=True).embed_texts(LABELS)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)  # float32 tower, as above
+    unmasked = load_siglip(folder, backend=ns.backend).embed_texts(LABELS)
+    assert np.abs(unmasked - ref).max() > 1e-2  # the mask matters: the test would see it ignored

@@ -29,8 +29,8 @@ def image_embeds(params, pixels, *, cfg: SiglipConfig):  # [B, 3, S, S] -> unit 
     return l2_normalize(map_head(x, **vm["head"], cfg=cfg.vision))
 
 
-def text_embeds(params, ids, *, cfg: SiglipConfig):  # [C, T] int -> unit [C, D]
-    return l2_normalize(text_tower(ids, **params["text_model"], cfg=cfg.text))
+def text_embeds(params, ids, *, cfg: SiglipConfig, valid=None):  # [C, T] int (, bool [C, T]) -> unit [C, D]
+    return l2_normalize(text_tower(ids, **params["text_model"], cfg=cfg.text, valid=valid))
 
 
 def logits_per_image(params, img, txt):  # unit [B, D], unit [C, D] -> [B, C]

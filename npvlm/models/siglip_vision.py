@@ -19,14 +19,16 @@ from ..nn import attention, layer_norm, linear, merge_heads, patch_embed, siglip
 from .. import nn as _nn  # map_head's `attention` keyword is the checkpoint's subtree, so the op is _nn.attention there
 
 
-def siglip_attention(x, q_proj, k_proj, v_proj, out_proj, *, n_heads):  # [B, N, Dv] -> [B, N, Dv]
+def siglip_attention(x, q_proj, k_proj, v_proj, out_proj, *, n_heads, mask=None):  # [B, N, Dv] -> [B, N, Dv]
     q, k, v = (split_heads(linear(x, **p), n_heads) for p in (q_proj, k_proj, v_proj))  # [B, h, N, Ev]
-    o = attention(q, k, v, None, scale=q.shape[-1] ** -0.5)  # no mask: every patch sees every patch
+    o = attention(q, k, v, mask, scale=q.shape[-1] ** -0.5)  # no mask for images: every patch sees every patch
     return linear(merge_heads(o), **out_proj)
 
 
-def encoder_block(x, layer_norm1, self_attn, layer_norm2, mlp, *, cfg: VisionConfig):  # [B, N, Dv] -> same
-    x = x + siglip_attention(layer_norm(x, **layer_norm1, eps=cfg.layer_norm_eps), **self_attn, n_heads=cfg.num_attention_heads)
+def encoder_block(x, layer_norm1, self_attn, layer_norm2, mlp, *, cfg: VisionConfig, mask=None):  # [B, N, Dv] -> same
+    """`mask`: an optional additive [B, 1, N, N] (the text tower's padding mask); never causal."""
+    x = x + siglip_attention(layer_norm(x, **layer_norm1, eps=cfg.layer_norm_eps), **self_attn,
+                             n_heads=cfg.num_attention_heads, mask=mask)
     x = x + siglip_mlp(layer_norm(x, **layer_norm2, eps=cfg.layer_norm_eps), **mlp)
     return x
 

@@ -22,12 +22,16 @@ from .models.paligemma_inputs import load_images, pixel_batch
 from .models.siglip_config import SiglipConfig
 from .models.siglip_schema import siglip_schema
 
+# a small SigLIP trained on the synthetic scenes (tools/train_siglip_shapes.py; measured by tools/eval_siglip_shapes.py)
+EMBEDDED_SIGLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "siglip_model")
 
-def load(model_dir, backend="numpy", *, progress=None, mask_padding: bool = False) -> "SiglipModel":
-    """Load an HF SiglipModel folder (config.json, *.safetensors, spiece.model) onto `backend`; every
+
+def load(model_dir=None, backend="numpy", *, progress=None, mask_padding: bool = False) -> "SiglipModel":
+    """Load an HF SiglipModel folder (config.json, *.safetensors, spiece.model; None: the embedded
+    scenes model, EMBEDDED_SIGLIP) onto `backend`; every
     name and shape is checked against config.json before a weight is mapped. `mask_padding`: see SiglipModel."""
     t0 = time.perf_counter()
-    model_dir = os.path.expanduser(os.fspath(model_dir))
+    model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_SIGLIP
     be = get_backend(backend)
     cfg = SiglipConfig.from_dir(model_dir)
     tok = SiglipTokenizer.from_dir(model_dir, max_length=cfg.text.max_position_embeddings)

@@ -14,7 +14,8 @@ from .cli import argv_text, load_model
 
 
 def add_siglip_model_args(p):
-    p.add_argument("--model", "-m", metavar="DIR", required=True, help="HF SigLIP model folder (config.json, *.safetensors, spiece.model)")
+    p.add_argument("--model", "-m", metavar="DIR", default=None,
+                   help="HF SigLIP model folder (config.json, *.safetensors, spiece.model); default: the embedded scenes model")
     p.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (CUDA GPU); default numpy")
     p.add_argument("--threads", type=int, default=None, help="BLAS threads on the CPU (default: the library's own)")
 
@@ -31,10 +32,18 @@ def add_parser(sub):
     return c
 
 
+def load_siglip(args):
+    from ..siglip_api import EMBEDDED_SIGLIP
+
+    if args.model is None:
+        args.model = EMBEDDED_SIGLIP
+    return load_model(args, want="siglip")
+
+
 def run(args) -> int:
     labels = [argv_text(lab, "--labels") for lab in args.labels]
     template = argv_text(args.template, "--template")
-    model = load_model(args, want="siglip")
+    model = load_siglip(args)
     out = [{"image": path, "probabilities": model.classify(path, labels, softmax=args.softmax, template=template,
                                                             exif=not args.no_exif)} for path in args.image]
     if args.json:

@@ -11,8 +11,8 @@ import os
 import numpy as np
 
 from ..errors import ConfigError
-from .classify import add_siglip_model_args
-from .cli import argv_text, load_model
+from .classify import add_siglip_model_args, load_siglip
+from .cli import argv_text
 
 
 def add_parser(sub):
@@ -33,7 +33,7 @@ def run(args) -> int:
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"{args.out}: --out: the folder {folder} does not exist or is not writable")
     texts = None if args.text is None else [argv_text(t, "--text") for t in args.text]
-    model = load_model(args, want="siglip")
+    model = load_siglip(args)
     vecs = model.embed_images(args.image, exif=not args.no_exif) if texts is None else model.embed_texts(texts)
     np.save(args.out, np.ascontiguousarray(vecs, dtype=np.float32))
     print(f"{args.out}: {vecs.shape[0]} x {vecs.shape[1]} float32 unit vectors")

@@ -289,3 +289,37 @@ def test_cli_classify_defaults_to_the_embedded_model(tmp_path):
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)[0]["probabilities"]
     assert abs(sum(p.values()) - 1.0) < 1e-5  # softmax over the labels sums to one (float32 rounding)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(text_config=dict(projection_size=7)), "projection_size 7 must equal vision_config.hidden_size"),
+    (dict(vision_config=dict(vision_use_head=False)), "vision_use_head is false"),
+    (dict(vision_config=dict(image_size=30, patch_size=7)), "not a multiple of patch_size"),
+    (dict(text_config=dict(hidden_act="relu")), "hidden_act 'relu' is not supported"),
+    (dict(text_config=dict(num_attention_heads=3, hidden_size=20)), "not divisible by num_attention_heads"),
+])
+def test_config_problems_are_refused_in_one_line(change, words):
+    from npvlm.models.siglip_config import SiglipConfig
+
+    d = {"model_type": "siglip", "vision_config": {"hidden_size": 36, "num_attention_heads": 3},
+         "text_config": {"hidden_size": 20, "num_attention_heads": 4, "projection_size": 36}}
+    SiglipConfig.from_hf(d)  # the base is valid
+    for k, v in change.items():
+        d[k] = {**d[k], **v}
+    with pytest.raises(ConfigError, match=words) as e:
+        SiglipConfig.from_hf(d)
+    assert "\n" not in str(e.value)
+
+
+def test_absent_keys_take_hf_defaults():
+    from transformers import SiglipConfig as HFConfig
+
+    from npvlm.models.siglip_config import SiglipConfig
+
+    ours, hf = SiglipConfig.from_hf({"model_type": "siglip"}), HFConfig()
+    for tower, ref in (("vision", hf.vision_config), ("text", hf.text_config)):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "layer_norm_eps"):
+            assert getattr(getattr(ours, tower), name) == getattr(ref, name), (tower, name)
+    assert (ours.vision.image_size, ours.vision.patch_size) == (hf.vision_config.image_size, hf.vision_config.patch_size)
+    assert ours.text.max_position_embeddings == hf.text_config.max_position_embeddings == 64
+    assert ours.text.head_size == hf.text_config.projection_size

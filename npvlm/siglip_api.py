@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .backends import get_backend
-from .errors import ConfigError, TokenizerError
+from .errors import ConfigError, TokenizerError, show
 from .io.checkpoint import load_weights, unflatten
 from .io.images import ImageProcessorConfig
 from .io.siglip_tokenizer import SiglipTokenizer
@@ -91,15 +91,24 @@ class SiglipModel:
         """{label: probability}: sigmoid per label (SigLIP's own reading: each pair on its own), or a softmax
         over the labels with softmax=True. `template` is formatted with each label ("a photo of {}.")."""
         labels = _texts(labels, "label")
-        if "{}" not in template:
-            raise ConfigError(f"template {template!r} has no '{{}}' for the label")
-        logits = self.logits([image], [template.replace("{}", lab) for lab in labels], exif=exif)[0]  # [C]
-        if softmax:
-            e = np.exp(logits - logits.max())
-            p = e / e.sum()
-        else:
-            p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        p = probabilities(self.logits([image], prompts(labels, template), exif=exif), softmax=softmax)[0]  # [C]
         return {lab: float(x) for lab, x in zip(labels, p)}
+
+
+def prompts(labels, template: str = "{}") -> list[str]:
+    """Each label put into `template` at "{}" (plain replacement: braces in a label stay as they are)."""
+    if not isinstance(template, str) or "{}" not in template:
+        raise TokenizerError(f"template {show(template)} has no '{{}}' to put the label in")
+    return [template.replace("{}", lab) for lab in labels]
+
+
+def probabilities(logits, *, softmax=False) -> np.ndarray:  # host [B, C] -> float64 [B, C]
+    """SigLIP's reading, a sigmoid per pair; or with softmax=True a distribution over the C labels."""
+    z = np.asarray(logits, dtype=np.float64)
+    if softmax:
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def _texts(texts, what="text") -> list[str]:

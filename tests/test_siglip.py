@@ -323,3 +323,8 @@ def test_absent_keys_take_hf_defaults():
     assert (ours.vision.image_size, ours.vision.patch_size) == (hf.vision_config.image_size, hf.vision_config.patch_size)
     assert ours.text.max_position_embeddings == hf.text_config.max_position_embeddings == 64
     assert ours.text.head_size == hf.text_config.projection_size
+
+
+def test_cli_template_without_a_slot_is_refused(tmp_path):
+    r = _cli("classify", "--image", str(tmp_path / "none.png"), "--labels", "a", "--template", "a photo of")
+    assert r.returncode == 2 and "has no '{}'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

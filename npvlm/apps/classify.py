@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from ..siglip_api import probabilities, prompts
 from .cli import argv_text, load_model
 
 
@@ -43,9 +44,11 @@ def load_siglip(args):
 def run(args) -> int:
     labels = [argv_text(lab, "--labels") for lab in args.labels]
     template = argv_text(args.template, "--template")
+    texts = prompts(labels, template)  # a bad template is refused before the model loads
     model = load_siglip(args)
-    out = [{"image": path, "probabilities": model.classify(path, labels, softmax=args.softmax, template=template,
-                                                            exif=not args.no_exif)} for path in args.image]
+    probs = probabilities(model.logits(args.image, texts, exif=not args.no_exif), softmax=args.softmax)  # [B, C]
+    out = [{"image": path, "probabilities": {lab: float(p) for lab, p in zip(labels, row)}}
+           for path, row in zip(args.image, probs)]
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0

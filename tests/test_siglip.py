@@ -328,3 +328,16 @@ def test_absent_keys_take_hf_defaults():
 def test_cli_template_without_a_slot_is_refused(tmp_path):
     r = _cli("classify", "--image", str(tmp_path / "none.png"), "--labels", "a", "--template", "a photo of")
     assert r.returncode == 2 and "has no '{}'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_folder_without_spiece_model_is_refused(root, tmp_path):
+    import shutil
+
+    from npvlm.errors import TokenizerError
+    from npvlm.siglip_api import load as load_siglip
+
+    dst = str(tmp_path / "m")
+    shutil.copytree(checkpoint("one-layer", root), dst)
+    os.remove(os.path.join(dst, "spiece.model"))
+    with pytest.raises(TokenizerError, match="spiece.model: not found"):
+        load_siglip(dst)

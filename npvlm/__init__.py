@@ -37,16 +37,17 @@ _find_checkout_backends()
 __version__ = "0.1.0"
 
 
-def load(model_dir=None, backend="numpy", *, progress=None, mmap=True):
-    """Load an HF PaliGemma model folder (the embedded shapes model if None) onto a backend.
+def load(model_dir=None, backend="numpy", **options):
+    """Load an HF model folder (the embedded shapes PaliGemma if None) onto a backend.
 
-    Returns a `npvlm.api.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
-    `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`. `mmap=False` reads the weights
-    into memory instead of mapping the files.
+    A PaliGemma folder gives a `npvlm.api.PaliGemmaModel` (`.generate`, `.stream`, `.logits`); a SigLIP
+    folder a `npvlm.siglip_api.SiglipModel` (`.embed_images`, `.embed_texts`, `.classify`). Options as
+    `npvlm.api.load`: `progress=`, `mmap=False` (read the weights into memory), `weights=` where supported,
+    `want="paligemma" | "siglip"` (refuse the other kind).
     """
     from .api import load as _load
 
-    return _load(model_dir, backend=backend, progress=progress, mmap=mmap)
+    return _load(model_dir, backend=backend, **options)
 
 
 __all__ = ["load", "NpvlmError", "BackendError", "ConfigError", "CheckpointError", "TokenizerError", "ImageError",

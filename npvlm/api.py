@@ -29,8 +29,26 @@ from .models.paligemma_schema import paligemma_schema
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes_model")
 
 
-def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: bool = True) -> "PaliGemmaModel":
-    """Load an HF PaliGemma model folder (config.json, *.safetensors, tokenizer) onto `backend`.
+MODEL_TYPES = {"paligemma": "a PaliGemma", "siglip": "a SigLIP"}
+
+
+def model_type(model_dir) -> str | None:
+    """config.json's model_type (None if the folder or file is missing: the loader then says what is wrong)."""
+    from .io.files import read_json_object
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    mt = read_json_object(path, ConfigError).get("model_type")
+    return mt if isinstance(mt, str) else None
+
+
+def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: bool = True,
+         want: str | None = None):
+    """Load an HF model folder onto `backend`: PaliGemma -> PaliGemmaModel, SigLIP -> siglip_api.SiglipModel.
+
+    The folder's config.json model_type picks the model; `want` ("paligemma" / "siglip") refuses the other
+    kind in one line naming both. A PaliGemma folder holds config.json, *.safetensors and a tokenizer.
 
     With no folder, the small shapes model that ships inside npvlm is loaded. An `org/name` that is not a
     local folder is looked up in the Hugging Face cache (npvlm/io/hub.py; never downloaded from here).
@@ -42,6 +60,14 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
     model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
     if looks_like_hub_id(model_dir):  # `org/name` that is not a local folder: the Hugging Face cache's snapshot
         model_dir = resolve_model(model_dir)
+    mt = model_type(model_dir)
+    if want is not None and mt in MODEL_TYPES and mt != want:
+        raise ConfigError(f"{model_dir}: is {MODEL_TYPES[mt]} model (model_type {mt!r}), but {MODEL_TYPES[want]} model "
+                          f"(model_type {want!r}) is needed here")
+    if mt == "siglip":
+        from .siglip_api import load as load_siglip
+
+        return load_siglip(model_dir, backend, progress=progress)
     be = get_backend(backend)
     cfg = PaliGemmaConfig.from_dir(model_dir)
     check_sizes(cfg, os.path.join(model_dir, "config.json"))  # before any table or cache is sized from it

@@ -125,6 +125,8 @@ SUBCOMMANDS = (
     "demo",
     "label",
     "serve",
+    "classify",
+    "embed",
 )
 
 
@@ -182,8 +184,8 @@ def _quiet_stdout():
         pass
 
 
-def load_model(args):
-    from .. import load
+def load_model(args, want="paligemma"):
+    from ..api import load
     from ..backends import get_backend
 
     from ..io.hub import looks_like_hub_id, resolve_model
@@ -196,7 +198,8 @@ def load_model(args):
     model = args.model
     if looks_like_hub_id(model):
         model = resolve_model(model, download=getattr(args, "download", False))
-    return load(model, backend=backend, progress=progress_printer(), mmap=not getattr(args, "no_mmap", False))
+    return load(model, backend=backend, progress=progress_printer(), mmap=not getattr(args, "no_mmap", False),
+                want=want)
 
 
 def argv_text(text: str, flag: str) -> str:

@@ -126,3 +126,21 @@ def test_missing_ray_is_one_line_with_the_install_hint(monkeypatch):
     with pytest.raises(GenerationError, match=r"pip install 'npvlm\[ray\]'") as e:
         ray_engine.RayEngine()
     assert "\n" not in str(e.value)
+
+
+@needs_ray
+def test_recipe_read_images_label_write_json(local_ray, manifest, reference, tmp_path):
+    from npvlm.label.ray_engine import label_images
+
+    folder = os.path.dirname(manifest)
+    ds = ray.data.read_images(folder, mode="RGB", include_paths=True, file_extensions=["png"])
+    label_images(ds, PROMPTS, batch_size=4, num_cpus=0.5, max_new_tokens=N_TOKENS).write_json(str(tmp_path / "out"))
+    rows = [json.loads(line) for name in sorted(os.listdir(tmp_path / "out")) if name.endswith(".json")
+            for line in open(tmp_path / "out" / name)]
+    got = {(os.path.basename(r["path"]), r["prompt"]): r for r in rows}
+    want = {(r["path"], r["prompt"]): r for r in map(json.loads, reference.splitlines())}
+    assert len(rows) == len(got) == len(want)  # each (image, prompt) once
+    for key, r in want.items():  # Ray decoded the PNGs itself: the same pixels, so the same greedy answers
+        g = got[key]
+        assert (g["text"], g["token_ids"], g["finish_reason"]) == (r["text"], r["token_ids"], r["finish_reason"])
+        assert json.loads(g["detections"]) == r["detections"] and (g["width"], g["height"], g["error"]) == (128, 128, "")

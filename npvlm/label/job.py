@@ -84,8 +84,9 @@ def _record(item: Item, prompt: str, res=None, error=None) -> dict:
 
 
 def _load(item: Item):
-    """(upright RGB image, None) or (None, the one-line error)."""
-    if os.path.islink(item.source) and not os.path.exists(item.source):
+    """(upright RGB image, None) or (None, the one-line error). `item.source` is a path, or decoded pixels
+    (a uint8 array, as ray.data.read_images gives)."""
+    if isinstance(item.source, str) and os.path.islink(item.source) and not os.path.exists(item.source):
         try:
             os.stat(item.source)
         except OSError as e:

@@ -116,3 +116,45 @@ class RayEngine:
                                                        max_pixels=settings.max_pixels))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             yield [str(line) for line in batch["line"]]
+
+
+# ---- the recipe for a Ray cluster: any Ray dataset of images -> label rows -> write_json / write_parquet ----
+
+COLUMNS = ("path", "prompt", "text", "token_ids", "finish_reason", "detections", "width", "height", "error")
+
+
+class ImageLabelActor(LabelActor):
+    """Rows {"image": uint8 HxWxC, "path"} (ray.data.read_images(..., include_paths=True)) -> one row per
+    (image, prompt) with the COLUMNS of the JSONL line; "detections" as JSON text and "error" "" when none,
+    so every block has one Arrow schema."""
+
+    def __init__(self, prompts, model_dir=None, backend="numpy", threads=None, max_new_tokens=64):
+        super().__init__(model_dir, backend, threads, max_new_tokens)
+        self.prompts = list(prompts)
+
+    def __call__(self, batch: dict) -> dict:
+        pairs = [(Item(str(path), image), p) for path, image in zip(batch["path"], batch["image"]) for p in self.prompts]
+        recs = [json.loads(line) for line in label_batch(self.model, pairs, self.settings)]
+        return {"path": [r["path"] for r in recs], "prompt": [r["prompt"] for r in recs],
+                "text": [r.get("text", "") for r in recs], "token_ids": [r.get("token_ids", []) for r in recs],
+                "finish_reason": [r.get("finish_reason", "") for r in recs],
+                "detections": [json.dumps(r.get("detections", []), ensure_ascii=False) for r in recs],
+                "width": [r.get("width", 0) for r in recs], "height": [r.get("height", 0) for r in recs],
+                "error": [r.get("error", "") for r in recs]}
+
+
+def label_images(ds, prompts, *, model_dir=None, backend="numpy", workers=1, num_cpus=1.0, batch_size=8,
+                 max_new_tokens=64, threads=None):
+    """A Ray dataset of {"image", "path"} rows -> a dataset of label rows (COLUMNS), for ds.write_json /
+    ds.write_parquet. `batch_size` counts images; each actor decodes len(prompts) answers per image.
+
+        ds = ray.data.read_images("s3://bucket/shots/", mode="RGB", include_paths=True)
+        label_images(ds, ["caption en"], workers=8, num_cpus=4, threads=4).write_parquet("s3://bucket/labels/")
+
+    Unlike `npvlm label`, this has no resume: Ray writes a fresh set of files per run."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(ImageLabelActor, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                          compute=ActorPoolStrategy(size=workers),
+                          fn_constructor_kwargs=dict(prompts=list(prompts), model_dir=model_dir, backend=backend,
+                                                     threads=threads, max_new_tokens=max_new_tokens))

@@ -107,7 +107,8 @@ class RayEngine:
         ctx.execution_options.preserve_order = True  # blocks come back in input order
         ctx.enable_progress_bars = False
         cpus = self.num_cpus or cpus_per_actor(float(ray.cluster_resources().get("CPU", 1.0)), self.workers)
-        n_blocks = max(1, min(len(pending) // batch_size, 4096))  # ~one batch a block: small writes, small loss
+        # ~one batch a block (small writes, little lost to a kill), and a block for each actor at least
+        n_blocks = min(len(pending), max(self.workers, min(-(-len(pending) // batch_size), 4096)))
         ds = ray.data.from_items(rows_of(pending), override_num_blocks=n_blocks)
         ds = ds.map_batches(LabelActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
                             compute=ActorPoolStrategy(size=self.workers),

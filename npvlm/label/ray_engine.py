@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 
 from ..errors import GenerationError
 from .inputs import Item
@@ -103,6 +104,7 @@ class RayEngine:
         ray = self.ray
         from ray.data import ActorPoolStrategy, DataContext
 
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")  # ray.data's own settings
         ctx = DataContext.get_current()
         ctx.execution_options.preserve_order = True  # blocks come back in input order
         ctx.enable_progress_bars = False

@@ -216,3 +216,22 @@ def test_coco_and_yolo_exports_parse_and_match_the_jsonl(scenes, tmp_path):
     assert n_boxes == len(coco["annotations"])
     for link in os.listdir(ydir / "images"):
         assert Image.open(ydir / "images" / link).size == (128, 128)  # the links resolve to the scenes
+
+
+def test_resume_with_other_settings_is_refused(scenes, tmp_path, capsys):
+    files = sorted(i.path for i in list_inputs(scenes))[:2]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(files) + "\n")
+    out = str(tmp_path / "o.jsonl")
+    base = [str(lst), "--out", out, "--no-progress"]
+    assert main(["label", *base, "-n", "8"]) == 0
+    assert json.load(open(out + ".settings.json")) == {"model": "embedded", "prompts": ["caption en"],
+                                                       "max_new_tokens": 8, "max_pixels": None}
+    before = open(out, "rb").read()
+    capsys.readouterr()  # the first run's summary
+    for other in (["-n", "9"], ["-n", "8", "--prompt", "caption es"], ["-n", "8", "--max-pixels", "100000"]):
+        assert main(["label", *base, *other]) == 2
+        err = capsys.readouterr().err
+        assert "was started with other settings" in err and err.count("\n") == 1  # one line
+    assert open(out, "rb").read() == before  # nothing written by the refused runs
+    assert main(["label", *base, "-n", "8", "--format", "coco"]) == 0  # the export format is no setting of the JSONL

@@ -34,6 +34,10 @@ def add_parser(sub):
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels (default: PIL.Image.MAX_IMAGE_PIXELS, ~89M)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process labels (default); ray: Ray Data actors label, this process writes "
+                        "(pip install 'npvlm[ray]'; uses RAY_ADDRESS or starts a local Ray)")
+    p.add_argument("--workers", type=int, default=1, help="--engine ray: actors, each loads the model once (default 1)")
     return p
 
 
@@ -73,9 +77,15 @@ def run(args) -> int:
     items = list_inputs(args.input)
     if not items:
         raise ImageError(f"{args.input}: no images found")
-    model = load_model(args)
+    if args.engine == "ray":
+        from ..label.ray_engine import RayEngine
+
+        model, engine = None, RayEngine(args.model, args.backend, args.threads, workers=args.workers)
+    else:
+        model, engine = load_model(args), None
     summary = run_job(model, items, prompts, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      retry_failed=args.retry_failed, max_pixels=args.max_pixels, progress=not args.no_progress)
+                      retry_failed=args.retry_failed, max_pixels=args.max_pixels, progress=not args.no_progress,
+                      engine=engine, model_dir=args.model)
     print(summary.line(), file=sys.stderr)
     wanted = {it.path for it in items}
     records = [r for r in read_records(args.out) if r["path"] in wanted and r["prompt"] in prompts]

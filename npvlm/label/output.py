@@ -98,7 +98,11 @@ class Appender:
         self.pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
 
     def write(self, records: list[dict]) -> None:
-        data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+        self.write_lines([dumps(r) + "\n" for r in records])
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Complete JSONL lines (each ending in "\\n") -> one os.write, then fsync."""
+        data = "".join(lines).encode("utf-8")
         if self.pause:  # test hook: make a kill land mid-write (a torn line) or between write and fsync
             half = len(data) // 2
             self._write_all(data[:half])

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,23 @@ def test_detect_circle_maps_peak_on_the_circle_more_often_than_chance():
     # measured: 0.72 of the tokens vs a chance of 0.21 (box area fraction 0.056); over 200 scenes 0.71 vs 0.21.
     # A margin of 0.15 over chance on 120 tokens is > 4 binomial sd (~0.037) for a map unrelated to the image
     assert hit > chance + 0.15, (hit, chance, area)
+
+
+def test_cli_writes_one_heat_map_per_token(tmp_path, capsys):
+    from PIL import Image
+
+    from npvlm.apps.cli import main
+
+    scene = make_scene(eval_seeds()[0])  # a scene with a circle: `detect circle` answers 4 locations + "circle"
+    scene.image.save(tmp_path / "scene.png")
+    out = tmp_path / "maps.png"
+    assert main(["generate", "-i", str(tmp_path / "scene.png"), "-p", "detect circle", "--json",
+                 "--attention-map", str(out)]) == 0
+    tokens = len(json.loads(capsys.readouterr().out)["token_ids"])
+    strip = Image.open(out)
+    assert tokens == 5 and strip.size == (5 * 128, 128 + 18)  # one 128-px tile per token, a label row below
+    tiles = np.asarray(strip.convert("RGB"), np.float32)[:128]
+    assert np.std(tiles[:, :128] - tiles[:, 128:256]) > 1.0  # the tiles differ: each token has its own map
+    assert main(["generate", "-i", str(tmp_path / "scene.png"), "-p", "detect circle", "--attention-map", str(out),
+                 "--attention-layer", "9"]) != 0  # the shapes model has 4 layers: refused with a message
+    assert "--attention-layer 9" in capsys.readouterr().err

@@ -17,6 +17,10 @@ def add_parser(sub):
     add_sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, boxes, stats) instead of streaming")
     g.add_argument("--draw", metavar="OUT.png", help="draw the detected boxes onto the image and save it here")
+    g.add_argument("--attention-map", metavar="OUT.png", help="save a strip of heat maps, one per generated token: "
+                   "where the decoder looked in the image when it chose that token")
+    g.add_argument("--attention-layer", type=int, default=None, metavar="L",
+                   help="decoder layer for --attention-map (negative counts from the end; default: the mean over layers)")
     g.add_argument("--no-exif", action="store_true", help="ignore the EXIF orientation tag")
     return g
 
@@ -30,10 +34,12 @@ def run(args) -> int:
     prompt = argv_text(args.prompt, "--prompt")
     if args.draw:
         check_output(args.draw, "--draw")
+    if args.attention_map:
+        check_output(args.attention_map, "--attention-map")
     image = load_image(args.image, exif=not args.no_exif)  # decoded, upright RGB
     model = load_model(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, exif=False)  # EXIF already applied
+              seed=args.seed, exif=False, return_attention=bool(args.attention_map))  # EXIF already applied
     if args.json:
         res = model.generate(image, prompt, **kw)
         print(json.dumps(_result_json(res), ensure_ascii=False))
@@ -49,6 +55,8 @@ def run(args) -> int:
         sys.stdout.flush()
     if args.draw:
         _draw(image, res, args.draw)
+    if args.attention_map:
+        _attention_strip(image, res, model, args.attention_layer, args.attention_map)
     print(format_stats(res.stats, model), file=sys.stderr)
     return 0
 
@@ -69,6 +77,34 @@ def _draw(image, res, out):
     except (OSError, ValueError) as e:
         raise ImageError(f"{out}: cannot write the drawn image ({e})") from None
     print(f"drew {len(res.detections)} box(es) into {out}", file=sys.stderr)
+
+
+def _attention_strip(image, res, model, layer, out, cell=128):
+    """One tile per token: the image as the model saw it (squashed square), the map upsampled over it
+    (bilinear, scaled to the tile's own maximum, black -> red -> yellow -> white), the token below."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    L = model.config.text.num_hidden_layers
+    if layer is not None and not -L <= layer < L:
+        raise ImageError(f"--attention-layer {layer}: the decoder has {L} layers (0..{L - 1}, or -1..-{L})")
+    maps = res.attention_maps(layer)  # [tokens, gh, gw]
+    base = np.asarray(image.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), np.float32) / 255.0
+    strip = Image.new("RGB", (max(1, len(maps)) * cell, cell + 18), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (m, tok) in enumerate(zip(maps, res.token_ids)):
+        v = np.asarray(Image.fromarray(m / max(float(m.max()), 1e-12)).resize((cell, cell), Image.Resampling.BILINEAR))
+        v = np.clip(v, 0.0, 1.0)[..., None]
+        heat = np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0.0, 1.0)
+        tile = (0.45 * base + 0.55 * heat) * 255.0
+        strip.paste(Image.fromarray(np.rint(tile).astype(np.uint8), "RGB"), (i * cell, 0))
+        draw.text((i * cell + 3, cell + 3), model.tokenizer.decode([tok]) or repr(tok), fill="black")
+    try:
+        strip.save(out)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{out}: cannot write the attention maps ({e})") from None
+    which = "the mean over layers" if layer is None else f"layer {layer}"
+    print(f"drew {len(maps)} attention map(s) ({which}) into {out}", file=sys.stderr)
 
 
 def format_stats(st, model) -> str:

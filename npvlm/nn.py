@@ -214,7 +214,7 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     if not (k.shape == v.shape):
         raise _shape_error("attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
     K, S = k.shape[1], k.shape[2]
-    p = xp.astype(attention_probs(q, k, mask, scale=scale, softcap=softcap), v.dtype, copy=False)  # [B, H, T, S]
+    p = xp.astype(_probs(xp, q, k, mask, scale, softcap), v.dtype, copy=False)  # [B, H, T, S]
     o = xp.reshape(p, (B, K, (H // K) * T, S)) @ v  # [B, K, G*T, E]
     return xp.reshape(o, (B, H, T, E))
 
@@ -225,7 +225,10 @@ def attention_probs(q, k, mask=None, *, scale, softcap=None):  # -> float32 [B, 
     The kv heads are never copied: the H / K query heads of a group are stacked along T and share
     one matmul. Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
     """
-    xp = array_namespace(q)
+    return _probs(array_namespace(q), q, k, mask, scale, softcap)
+
+
+def _probs(xp, q, k, mask, scale, softcap):  # attention_probs, the namespace given (attention's hot path)
     B, H, T, E = q.shape
     if not (k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0):
         raise _shape_error("attention", f"k and v [B={B}, K | {H}, S, E={E}]", tuple(k.shape))

@@ -155,3 +155,43 @@ def test_cli_writes_one_heat_map_per_token(tmp_path, capsys):
     assert main(["generate", "-i", str(tmp_path / "scene.png"), "-p", "detect circle", "--attention-map", str(out),
                  "--attention-layer", "9"]) != 0  # the shapes model has 4 layers: refused with a message
     assert "--attention-layer 9" in capsys.readouterr().err
+
+
+# --- the server: {"npvlm": {"attention": true}} adds the maps to the answer ----------------------------
+
+def _serve():
+    pytest.importorskip("starlette", reason="npvlm serve needs the serve extra (starlette, uvicorn)")
+    pytest.importorskip("uvicorn", reason="npvlm serve needs the serve extra (starlette, uvicorn)")
+    pytest.importorskip("httpx", reason="the tests call the server with httpx")
+    import test_serve
+
+    return test_serve
+
+
+def test_server_returns_the_maps_only_when_asked_and_they_equal_generate():
+    ts = _serve()
+    model = npvlm.load()
+    server = ts._Server(model, max_batch=4)
+    try:
+        for seed, prompt in ((eval_seeds()[0], "detect circle"), (eval_seeds()[1], "caption en")):
+            want = model.generate(make_scene(seed).image, prompt, max_new_tokens=12, return_attention=True)
+            plain = ts._post(server, ts._body(seed, prompt, 12), key=None).json()
+            assert "npvlm" not in plain and plain["choices"][0]["message"]["content"] == want.text
+            r = ts._post(server, ts._body(seed, prompt, 12, npvlm={"attention": True}), key=None).json()
+            a = r["npvlm"]["attention"]
+            n = len(want.token_ids)
+            assert a["grid"] == [4, 4] and a["layers"] == 4 and len(a["tokens"]) == n
+            assert "".join(a["tokens"]) == want.text  # one label per token, in order
+            got = np.asarray(a["maps"], np.float32).reshape(want.attention.shape)
+            # 6 decimals in the JSON; a running batch of 4 rows and wider cache sums in another order (~1e-7)
+            np.testing.assert_allclose(got, want.attention, rtol=0, atol=2e-6)
+            with ts.httpx.stream("POST", server.url + "/v1/chat/completions", timeout=ts.TIMEOUT,
+                                 json=ts._body(seed, prompt, 12, stream=True, npvlm={"attention": True})) as s:
+                chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            last = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][0]
+            np.testing.assert_array_equal(np.asarray(last["npvlm"]["attention"]["maps"], np.float32),
+                                          np.asarray(a["maps"], np.float32))  # the same maps on the finish chunk
+        bad = ts._post(server, ts._body(1, "caption en", 3, npvlm={"attention": "yes"}), key=None)
+        assert bad.status_code == 400 and "npvlm" in bad.json()["error"]["message"]
+    finally:
+        server.close()

@@ -16,6 +16,7 @@ import pytest
 
 import npvlm
 from hf_ref import hf_inputs, hf_model, image, write
+from namespaces import each_backend
 from npvlm.demo.scenes import eval_seeds, make_scene
 
 SHAPES = {
@@ -58,8 +59,9 @@ def _image_weights(row, cols, keys):  # [S] over the last S of `keys` columns (a
     return np.array([row[c - offset] if c >= offset else 0.0 for c in cols], np.float32)
 
 
-def test_maps_equal_hf_output_attentions(ckpt):
-    model = npvlm.load(ckpt)
+@each_backend
+def test_maps_equal_hf_output_attentions(ckpt, backend):
+    model = npvlm.load(ckpt, backend=backend)
     imgs = [image(i) for i in range(len(PROMPTS))]
     ref = hf_maps(ckpt, imgs, PROMPTS, max_new_tokens=12)
     side = model.config.vision.image_size // model.config.vision.patch_size
@@ -163,6 +165,7 @@ def _serve():
     pytest.importorskip("starlette", reason="npvlm serve needs the serve extra (starlette, uvicorn)")
     pytest.importorskip("uvicorn", reason="npvlm serve needs the serve extra (starlette, uvicorn)")
     pytest.importorskip("httpx", reason="the tests call the server with httpx")
+    pytest.importorskip("openai", reason="the tests call the server with the official openai client")
     import test_serve
 
     return test_serve
@@ -191,6 +194,11 @@ def test_server_returns_the_maps_only_when_asked_and_they_equal_generate():
             last = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][0]
             np.testing.assert_array_equal(np.asarray(last["npvlm"]["attention"]["maps"], np.float32),
                                           np.asarray(a["maps"], np.float32))  # the same maps on the finish chunk
+        c = ts.openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=ts.TIMEOUT, max_retries=0)
+        body = ts._body(eval_seeds()[0], "detect circle", 12)
+        r = c.chat.completions.create(model="npvlm", messages=body["messages"], max_tokens=12,
+                                      extra_body={"npvlm": {"attention": True}})  # how an OpenAI client asks
+        assert len(r.model_extra["npvlm"]["attention"]["maps"]) == len(r.model_extra["npvlm"]["attention"]["tokens"]) > 0
         bad = ts._post(server, ts._body(1, "caption en", 3, npvlm={"attention": "yes"}), key=None)
         assert bad.status_code == 400 and "npvlm" in bad.json()["error"]["message"]
     finally:

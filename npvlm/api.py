@@ -149,32 +149,50 @@ class PaliGemmaModel:
                       feats=feats)
         return self.backend.to_host(out[0, ...])
 
-    def generate(self, image, prompt, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None, exif=True):
-        """One image + prompt -> GenerationResult; lists of images and prompts -> a list (a left-padded batch)."""
+    def generate(self, image, prompt, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None, exif=True,
+                 return_attention=False):
+        """One image + prompt -> GenerationResult; lists of images and prompts -> a list (a left-padded batch).
+        return_attention: also put on each result `attention`, float32 [tokens, layers, grid_h, grid_w], the
+        decoder's attention (mean over heads) from the query that chose each token to the image patches
+        (`result.attention_maps(layer)` picks a layer or averages them)."""
         images, prompts, batched = _as_batch(image, prompt)
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        steps, stats = self._run(images, prompts, sampling, exif)
+        maps = [] if return_attention else None
+        steps, stats = self._run(images, prompts, sampling, exif, maps)
         results = collect(steps, self.tokenizer, self.stop_ids, prompts, stats["image_sizes"], stats)
+        for b, r in enumerate(results if maps else []):
+            r.attention = self._attention_grid(maps, b, len(r.token_ids))
         finish_stats(stats, self.backend, self.load_seconds)
         return results if batched else results[0]
 
     def stream(self, image, prompt: str, *, max_new_tokens=32, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-               exif=True):
-        """Yield text pieces as tokens arrive; the last item is the full GenerationResult.
-        The parameters are checked at the call, before the first item is asked for."""
+               exif=True, return_attention=False):
+        """Yield text pieces as tokens arrive; the last item is the full GenerationResult (with `attention`
+        when return_attention, as generate). The parameters are checked at the call, before the first item."""
         if isinstance(image, (list, tuple)) or isinstance(prompt, (list, tuple)):
             raise GenerationError("stream() takes one image and one prompt; use generate() for a batch")
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        return self._stream(image, prompt, sampling, exif)
+        return self._stream(image, prompt, sampling, exif, [] if return_attention else None)
 
-    def _stream(self, image, prompt, sampling, exif):
-        steps, stats = self._run([image], [prompt], sampling, exif)
+    def _stream(self, image, prompt, sampling, exif, maps):
+        steps, stats = self._run([image], [prompt], sampling, exif, maps)
         for item in stream_text(steps, self.tokenizer, self.stop_ids, prompt, stats["image_sizes"][0], stats):
             if not isinstance(item, str):
                 finish_stats(stats, self.backend, self.load_seconds)
+                if maps is not None:
+                    item.attention = self._attention_grid(maps, 0, len(item.token_ids))
             yield item
 
-    def _run(self, images, prompts, sampling: Sampling, exif):
+    def _attention_grid(self, maps, row: int, tokens: int):  # host [B, L, N] per step -> [tokens, L, gh, gw]
+        import numpy as np  # the maps are host arrays
+
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        L = self.config.text.num_hidden_layers
+        steps = [m[row] for m in maps[:tokens]]  # the step that chose a stop id (and any after it) is left out
+        grid = np.stack(steps) if steps else np.zeros((0, L, side * side), np.float32)
+        return grid.reshape(tokens, L, side, side)
+
+    def _run(self, images, prompts, sampling: Sampling, exif, maps=None):
         """The prompts checked and laid out, the images encoded: (the token-step iterator, its stats)."""
         batch = prepare_prompts(self.tokenizer, self.config, self.backend, prompts, max_new_tokens=sampling.max_new_tokens)
         if self.backend.name != "cupy":  # host memory; a GPU's own memory is the device's to refuse
@@ -184,7 +202,8 @@ class PaliGemmaModel:
         feats = self.encode_images(rgb)  # [B, N, D]
         self.backend.synchronize()
         stats = {"image_sizes": [im.size for im in rgb], "image_seconds": time.perf_counter() - t0}
-        return generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats), stats
+        steps = generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats, maps)
+        return steps, stats
 
 
 def _as_batch(image, prompt):

@@ -199,9 +199,7 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
     """Scaled dot-product attention for MHA, GQA and MQA.
 
     q [B, H, T, E], k and v [B, K, S, E], mask additive [B, 1, T, S] (0 = see, MASK_MIN = hidden)
-    -> [B, H, T, E]. Query head h reads kv head h // (H / K); the kv heads are never copied: the
-    H / K query heads of a group are stacked along T and share one matmul.
-    Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
+    -> [B, H, T, E]: attention_probs(q, k, mask) @ v, query head h reading kv head h // (H / K).
     """
     xp = array_namespace(q)
     if not (q.ndim == 4):
@@ -213,8 +211,27 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
         blocks = [attention(q[:, :, a:b, :], k, v, None if mask is None else mask[:, :, a:b, :], scale=scale,
                             softcap=softcap) for a, b in cuts]
         return xp.concat(blocks, axis=2)
-    if not (k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0 and k.shape == v.shape):
+    if not (k.shape == v.shape):
         raise _shape_error("attention", f"k and v [B={B}, K | {H}, S, E={E}]", (tuple(k.shape), tuple(v.shape)))
+    K, S = k.shape[1], k.shape[2]
+    p = xp.astype(_probs(xp, q, k, mask, scale, softcap), v.dtype, copy=False)  # [B, H, T, S]
+    o = xp.reshape(p, (B, K, (H // K) * T, S)) @ v  # [B, K, G*T, E]
+    return xp.reshape(o, (B, H, T, E))
+
+
+def attention_probs(q, k, mask=None, *, scale, softcap=None):  # -> float32 [B, H, T, S]
+    """softmax(mask + softcap(scale * q k^T)): the weights `attention` puts on each key.
+
+    The kv heads are never copied: the H / K query heads of a group are stacked along T and share
+    one matmul. Gemma 2's soft-cap s = c * tanh(s / c) comes after the scale and before the mask.
+    """
+    return _probs(array_namespace(q), q, k, mask, scale, softcap)
+
+
+def _probs(xp, q, k, mask, scale, softcap):  # attention_probs, the namespace given (attention's hot path)
+    B, H, T, E = q.shape
+    if not (k.ndim == 4 and k.shape[0] == B and k.shape[-1] == E and H % k.shape[1] == 0):
+        raise _shape_error("attention", f"k and v [B={B}, K | {H}, S, E={E}]", tuple(k.shape))
     K, S = k.shape[1], k.shape[2]
     G = H // K
     qg = xp.reshape(q, (B, K, G * T, E))  # heads of a group share their kv head
@@ -227,9 +244,7 @@ def attention(q, k, v, mask=None, *, scale, softcap=None):
         if not (mask.ndim == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[-2:] == (T, S)):
             raise _shape_error("attention", f"mask [{B} | 1, 1, {T}, {S}]", tuple(mask.shape))
         s = s + mask[:, :, None, :, :]  # [B, 1, 1, T, S]
-    p = xp.astype(softmax(s, axis=-1), v.dtype, copy=False)
-    o = xp.reshape(p, (B, K, G * T, S)) @ v  # [B, K, G*T, E]
-    return xp.reshape(o, (B, H, T, E))
+    return xp.reshape(softmax(s, axis=-1), (B, H, T, S))
 
 
 def additive_mask(allowed):  # bool [...] -> float32 [...]: 0 where allowed, MASK_MIN elsewhere

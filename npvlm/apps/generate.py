@@ -35,6 +35,11 @@ def add_parser(sub):
     g.add_argument("--batch-size", type=int, default=8, action=Once, help="(image, prompt) pairs per batch (default 8)")
     g.add_argument("--json", action="store_true", help="print JSON (text, token ids, boxes, stats) instead of streaming")
     g.add_argument("--draw", metavar="OUT.png", action=Once, help="draw the detected boxes onto the image and save it here")
+    g.add_argument("--attention-map", metavar="OUT.png", action=Once,
+                   help="save a strip of heat maps, one per generated token: where the decoder looked in the image "
+                        "when it chose that token (one image and one prompt)")
+    g.add_argument("--attention-layer", type=int, default=None, metavar="L", action=Once,
+                   help="decoder layer for --attention-map (negative counts from the end; default: the mean over layers)")
     g.add_argument("--no-exif", action="store_true", help="ignore the EXIF orientation tag")
     return g
 
@@ -74,7 +79,11 @@ def run(args) -> int:
         if len(paths) > 1:
             raise ImageError(f"{args.draw}: --draw takes one image, got {len(paths)}; run one command per image")
         check_output(args.draw, "--draw")
+    if args.attention_map:
+        check_output(args.attention_map, "--attention-map")
     images = [load_image(p, exif=not args.no_exif) for p in paths]  # decoded, upright RGB
+    if args.attention_map and (len(images) > 1 or len(prompts) > 1):
+        raise GenerationError("--attention-map takes one image and one prompt")
     model = load_model(args)
     pairs = [(i, p) for i in range(len(images)) for p in prompts]
     stream = len(pairs) == 1 and not args.json
@@ -96,6 +105,12 @@ def run(args) -> int:
     sys.stdout.flush()
     if args.draw and results:
         _draw(images[0], [d for _, r in results for d in r.detections], args.draw)
+    if args.attention_map and results and not interrupted:
+        # the maps are asked for on a second, identical run, so the answer above costs what it costs without them
+        kw = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                  top_k=sampling.top_k, seed=sampling.seed, exif=False)
+        _attention_strip(images[0], model.generate(images[0], prompts[0], return_attention=True, **kw), model,
+                         args.attention_layer, args.attention_map)
     if stats is not None:
         batches = -(-len(results) // args.batch_size)
         print((f"{batches} batches; the last: " if batches > 1 else "")
@@ -207,3 +222,31 @@ def _draw(image, detections, out):
     except (OSError, ValueError) as e:
         raise ImageError(f"{out}: cannot write the drawn image ({e})") from None
     print(f"drew {len(detections)} box(es) into {out}", file=sys.stderr)
+
+
+def _attention_strip(image, res, model, layer, out, cell=128):
+    """One tile per token: the image as the model saw it (squashed square), the map upsampled over it
+    (bilinear, scaled to the tile's own maximum, black -> red -> yellow -> white), the token below."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    L = model.config.text.num_hidden_layers
+    if layer is not None and not -L <= layer < L:
+        raise ImageError(f"--attention-layer {layer}: the decoder has {L} layers (0..{L - 1}, or -1..-{L})")
+    maps = res.attention_maps(layer)  # [tokens, gh, gw]
+    base = np.asarray(image.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), np.float32) / 255.0
+    strip = Image.new("RGB", (max(1, len(maps)) * cell, cell + 18), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (m, tok) in enumerate(zip(maps, res.token_ids)):
+        v = np.asarray(Image.fromarray(m / max(float(m.max()), 1e-12)).resize((cell, cell), Image.Resampling.BILINEAR))
+        v = np.clip(v, 0.0, 1.0)[..., None]
+        heat = np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0.0, 1.0)
+        tile = (0.45 * base + 0.55 * heat) * 255.0
+        strip.paste(Image.fromarray(np.rint(tile).astype(np.uint8), "RGB"), (i * cell, 0))
+        draw.text((i * cell + 3, cell + 3), model.tokenizer.decode([tok]) or repr(tok), fill="black")
+    try:
+        strip.save(out)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{out}: cannot write the attention maps ({e})") from None
+    which = "the mean over layers" if layer is None else f"layer {layer}"
+    print(f"drew {len(maps)} attention map(s) ({which}) into {out}", file=sys.stderr)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..kv_cache import KVCache
-from ..models.paligemma import advance, decode_step, prefill
+from ..models.paligemma import advance, decode_step, image_attention, prefill
 from .sampling import check_params, sample
 
 
@@ -44,6 +44,15 @@ class GenerationResult:
     prompt: str = ""
     image_size: tuple = (0, 0)  # (width, height) of the original image, for mapping boxes back
     stats: dict = field(default_factory=dict)
+    # with return_attention: float32 [tokens, layers, grid_h, grid_w], the weights the query that chose each
+    # token put on the image patches (averaged over heads); row-major patch grid of the squashed square image
+    attention: object = None
+
+    def attention_maps(self, layer: int | None = None):  # -> [tokens, grid_h, grid_w]
+        """One map per token: from decoder layer `layer` (negative counts from the end), or the mean over layers."""
+        if self.attention is None:
+            raise ValueError("no attention maps: call generate(..., return_attention=True)")
+        return self.attention.mean(axis=1) if layer is None else self.attention[:, layer]
 
     @property
     def detections(self):
@@ -60,9 +69,11 @@ class GenerationResult:
         return parse_segments(self.text, *self.image_size)
 
 
-def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, stop_ids, stats: dict):
+def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, stop_ids, stats: dict, maps=None):
     """Yield the next ids of every row (a host list of B ints) at each step, until every row has met a
-    stop id or the budget is spent. `prompt` is a PromptBatch, `feats` the image features [B, N, D]."""
+    stop id or the budget is spent. `prompt` is a PromptBatch, `feats` the image features [B, N, D].
+    With a list `maps`, each step also appends the attention of the query that chose its ids to the image
+    tokens, host float32 [B, L, N] (image_attention); without one, no attention weights are computed."""
     xp = backend.xp
     t = cfg.text
     B, T = prompt.ids.shape
@@ -70,7 +81,9 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
     cache = KVCache(embed_w, t.num_hidden_layers, B, t.num_key_value_heads, T + sampling.max_new_tokens, t.head_dim)
     rng = random.Random(sampling.seed)
     t0 = time.perf_counter()
-    logits, state = prefill(params, prompt, feats, cache, cfg=cfg)
+    probs = None if maps is None else []
+    logits, state = prefill(params, prompt, feats, cache, cfg=cfg, probs_out=probs)
+    _keep_maps(maps, probs, prompt, feats, backend)
     chosen = _pick(logits, sampling, rng)  # [B] on the device
     ids = [int(i) for i in backend.to_host(chosen)]  # reading it back waits for the device
     t1 = time.perf_counter()
@@ -88,10 +101,17 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
             if all(done) or i == sampling.max_new_tokens - 1:
                 break
             state = advance(state, xp.astype(chosen, xp.int64))
-            chosen = _pick(decode_step(params, state, cfg=cfg), sampling, rng)
+            probs = None if maps is None else []
+            chosen = _pick(decode_step(params, state, cfg=cfg, probs_out=probs), sampling, rng)
+            _keep_maps(maps, probs, prompt, feats, backend)
             ids = [int(i) for i in backend.to_host(chosen)]
     finally:
         stats["decode_seconds"] = time.perf_counter() - t1
+
+
+def _keep_maps(maps, probs, prompt, feats, backend):
+    if maps is not None:
+        maps.append(backend.to_host(image_attention(probs, prompt.image_slot, feats.shape[1])))  # [B, L, N]
 
 
 def _pick(logits, sampling: Sampling, rng):  # [B, V] -> [B] ids on the device

@@ -21,7 +21,7 @@ import math
 from array_api_compat import array_namespace
 
 from .paligemma_config import TextConfig
-from ..nn import attention, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
+from ..nn import attention, attention_probs, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
 
 
 def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]} -> [B, T, D]
@@ -33,15 +33,21 @@ def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]}
     return xp.reshape(e, (B, T, cfg.hidden_size)) * scale
 
 
-def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, at=0):
+def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, at=0,
+                   probs_out=None):
     """[B, T, D] -> [B, T, D]; with a cache, the T new keys/values are written `at` (see KVCache.update)
-    and the queries attend to what it returns."""
+    and the queries attend to what it returns. With a list `probs_out`, the attention weights of the
+    last query are appended to it, float32 [B, H, 1, S] (recomputed from q and k: nothing is kept otherwise)."""
     q = rope(split_heads(linear(x, **q_proj), cfg.num_attention_heads), cos, sin)  # [B, H, T, E]
     k = rope(split_heads(linear(x, **k_proj), cfg.num_key_value_heads), cos, sin)  # [B, K, T, E]
     v = split_heads(linear(x, **v_proj), cfg.num_key_value_heads)  # [B, K, T, E]
     if cache is not None:
         k, v = cache.update(layer, k, v, at)  # [B, K, S, E], keys cached after RoPE
     o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping)  # [B, H, T, E]
+    if probs_out is not None:
+        last = None if mask is None else mask[:, :, -1:, :]
+        probs_out.append(attention_probs(q[:, :, -1:, :], k, last, scale=cfg.attn_scale,
+                                         softcap=cfg.attn_logit_softcapping))  # [B, H, 1, S]
     return linear(merge_heads(o), **o_proj)
 
 
@@ -60,14 +66,15 @@ def gemma2_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_l
     return x + rms_norm(m, **post_feedforward_layernorm, eps=eps)
 
 
-def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, at=0):
+def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, at=0, probs_out=None):
     """h [B, T, D] embedded inputs, positions [B, T], masks {"full", "sliding"} additive [B, 1, T, S] -> [B, T, D].
-    `layers` and `norm` are the decoder's parameter subtrees (embed_tokens is read by embed and lm_head)."""
+    `layers` and `norm` are the decoder's parameter subtrees (embed_tokens is read by embed and lm_head);
+    `probs_out`: a list that gets each layer's last-query attention weights (see self_attention)."""
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, E] each
     layer_fn = gemma2_layer if cfg.is_gemma2 else gemma_layer
     for j, params in enumerate(layers):
         mask = masks["sliding"] if cfg.is_sliding(j) else masks["full"]
-        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, at=at)
+        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, at=at, probs_out=probs_out)
     return rms_norm(h, **norm, eps=cfg.rms_norm_eps)
 
 

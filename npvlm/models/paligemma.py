@@ -68,13 +68,15 @@ def prefix_lm_masks(valid, prefix, start: int, *, cfg: PaliGemmaConfig):
 
 
 def forward(params, ids, positions, masks, *, cfg: PaliGemmaConfig, image_slot=None, feats=None, cache=None, at=0,
-            last_only=False):
-    """One decoder pass: ids [B, T], positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+            last_only=False, probs_out=None):
+    """One decoder pass: ids [B, T], positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+    `probs_out`: a list that gets each layer's attention weights of the last query [B, H, 1, S]."""
     lm = params["language_model"]["model"]
     h = embed(ids, lm["embed_tokens"], cfg=cfg.text)  # [B, T, D]
     if feats is not None:
         h = merge_image_features(h, image_slot, feats)
-    h = decoder(h, positions, masks, lm["layers"], lm["norm"], cfg=cfg.text, cache=cache, at=at)  # [B, T, D]
+    h = decoder(h, positions, masks, lm["layers"], lm["norm"], cfg=cfg.text, cache=cache, at=at,
+                probs_out=probs_out)  # [B, T, D]
     if last_only:
         h = h[:, -1:, :]  # generation needs the next-token logits only: skips most of the V-wide head
     return lm_head(h, lm["embed_tokens"], cfg=cfg.text)
@@ -98,17 +100,17 @@ class DecodeState:
     key_valid: object
 
 
-def prefill(params, prompt, feats, cache: KVCache, *, cfg: PaliGemmaConfig):
+def prefill(params, prompt, feats, cache: KVCache, *, cfg: PaliGemmaConfig, probs_out=None):
     """Run the whole prompt into a fresh cache: -> (next-token logits [B, V], the DecodeState at its last
     token; `advance` it with the chosen ids to feed them).
 
     prompt: the device arrays of a laid-out batch (ids, positions, valid, prefix, image_slot, all [B, T]);
-    feats: the projected image features [B, N, D]."""
+    feats: the projected image features [B, N, D]; probs_out: see forward (the last prompt token's weights)."""
     xp = array_namespace(prompt.ids)
     B, T = prompt.ids.shape
     masks = prefix_lm_masks(prompt.valid, prompt.prefix, 0, cfg=cfg)
     logits = forward(params, prompt.ids, prompt.positions, masks, cfg=cfg, image_slot=prompt.image_slot, feats=feats,
-                     cache=cache, at=0, last_only=True)  # [B, 1, V]
+                     cache=cache, at=0, last_only=True, probs_out=probs_out)  # [B, 1, V]
     after = xp.ones((B, cache.capacity - T), dtype=xp.bool)  # every generated token is real
     state = DecodeState(cache, ids=prompt.ids[:, -1:], positions=prompt.positions[:, -1:],
                         cols=xp.full((B,), T - 1, dtype=prompt.ids.dtype), key_valid=xp.concat([prompt.valid, after], axis=1))
@@ -129,11 +131,23 @@ def decode_masks(key_valid, cols, *, cfg: PaliGemmaConfig):  # [B, C] bool, [B] 
     return {"full": full, "sliding": additive_mask((key_valid & (ki <= q) & (ki > q - W))[:, None, None, :])}
 
 
-def decode_step(params, state: DecodeState, *, cfg: PaliGemmaConfig):  # -> next-token logits [B, V]
-    """Feed state.ids at state.positions, written into cache column state.cols of each row."""
+def decode_step(params, state: DecodeState, *, cfg: PaliGemmaConfig, probs_out=None):  # -> next-token logits [B, V]
+    """Feed state.ids at state.positions, written into cache column state.cols of each row
+    (`probs_out`: see forward; each layer's weights of the fed token over the C cache columns)."""
     masks = decode_masks(state.key_valid, state.cols, cfg=cfg)
-    logits = forward(params, state.ids, state.positions, masks, cfg=cfg, cache=state.cache, at=state.cols)
+    logits = forward(params, state.ids, state.positions, masks, cfg=cfg, cache=state.cache, at=state.cols,
+                     probs_out=probs_out)
     return logits[:, -1, :]
+
+
+def image_attention(probs, image_slot, n_image: int):  # L x [B, H, 1, S], [B, T] int -> [B, L, N] float32
+    """The weights that the query put on each of the N image tokens (in image order), per layer, averaged over
+    heads: `probs` from prefill / decode_step's probs_out; image_slot the prompt's (its first T columns)."""
+    xp = array_namespace(image_slot)
+    T = image_slot.shape[1]
+    pick = xp.astype(image_slot[:, :, None] == xp.arange(n_image, dtype=image_slot.dtype), xp.float32)  # [B, T, N]
+    heads = xp.stack([xp.mean(p[:, :, 0, :T], axis=1) for p in probs], axis=1)  # [B, L, T]
+    return heads @ pick  # one 1.0 per image column, so each weight is copied exactly
 
 
 def advance(state: DecodeState, next_ids) -> DecodeState:  # next_ids [B] int, on the device

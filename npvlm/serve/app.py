@@ -191,6 +191,10 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
         so = body.get("stream_options") or {}
         if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
             raise ApiError(400, "stream_options must be {'include_usage': true|false}", param="stream_options")
+        ext = body.get("npvlm") or {}  # npvlm's own options, in a field OpenAI clients never send
+        if not isinstance(ext, dict) or set(ext) - {"attention"} or not isinstance(ext.get("attention", False), bool):
+            raise ApiError(400, "npvlm must be {'attention': true|false}", param="npvlm")
+        opts["attention"] = ext.get("attention", False)
         return prompt, urls[0], opts, stream, so.get("include_usage", False)
 
     def prepare(prompt, url, opts):  # runs in a worker thread: image decoding and tokenizing
@@ -210,7 +214,8 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
         if n > room:
             raise ApiError(400, f"prompt of {T} tokens plus max_tokens {n} exceeds the server's context of "
                                 f"{engine.capacity} tokens (at most {room} here)", param="max_tokens")
-        return Request(batch, rgb, n, opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"], opts["stop"])
+        return Request(batch, rgb, n, opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"], opts["stop"],
+                       attention=opts["attention"])
 
     async def chat(request):
         check_auth(request)
@@ -251,7 +256,8 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
             "id": cid, "object": "chat.completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": e["text"]},
                          "finish_reason": e["finish_reason"], "logprobs": None}],
-            "usage": _usage(e), "detections": _detections(e["text"], size), "image_size": list(size)})
+            "usage": _usage(e), "detections": _detections(e["text"], size), "image_size": list(size),
+            **extension(req, e)})
 
     async def sse(req, events, e, cid, created, size, include_usage):
         def chunk(delta, finish=None, **extra):
@@ -267,7 +273,8 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
                     yield _sse({"error": {"message": e["message"], "type": "server_error", "param": None, "code": None}})
                     break
                 else:
-                    yield chunk({}, e["finish_reason"], detections=_detections(e["text"], size), image_size=list(size))
+                    yield chunk({}, e["finish_reason"], detections=_detections(e["text"], size), image_size=list(size),
+                                **extension(req, e))
                     if include_usage:
                         yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                                     "model": model_id, "choices": [], "usage": _usage(e)})
@@ -276,6 +283,16 @@ def make_app(model, engine, *, model_id: str = "npvlm", api_key: str | None = No
             yield "data: [DONE]\n\n"
         finally:
             req.cancelled = e["type"] == "delta"  # a disconnect cancels this generator mid-stream: free the row
+
+    def extension(req, e):  # {"npvlm": {"attention": ...}} when the request asked for the maps, else nothing
+        if not req.attention:
+            return {}
+        v = model.config.vision
+        side = v.image_size // v.patch_size
+        return {"npvlm": {"attention": {
+            "grid": [side, side], "layers": model.config.text.num_hidden_layers,
+            "tokens": [model.tokenizer.decode([t]) for t in e["token_ids"]],
+            "maps": [[[round(float(x), 6) for x in layer] for layer in m] for m in e["maps"]]}}}  # [tokens][L][N]
 
     async def models(request):
         check_auth(request)

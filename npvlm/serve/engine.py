@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import NpvlmError
 from ..generation.sampling import sample
 from ..kv_cache import KVCache
-from ..models.paligemma import DecodeState, decode_step, prefill
+from ..models.paligemma import DecodeState, decode_step, image_attention, prefill
 
 
 class QueueFull(Exception):
@@ -46,10 +46,12 @@ class Request:
     stop: tuple = ()
     emit: object = None  # callable(event: dict)
     cancelled: bool = False  # set by the client side; the row is freed at the next step
+    attention: bool = False  # also send the attention maps (the "done" event's "attention": [tokens][L][N])
     # engine bookkeeping
     rng: object = None
     tokens: list = field(default_factory=list)
     shown: str = ""
+    maps: list = field(default_factory=list)  # with attention: host [L, N] per token, as in generate()
     feed: tuple = (0, 1, 0)  # (id, position, column) the next decode step feeds
     t_submit: float = 0.0
 
@@ -161,7 +163,10 @@ class Engine:
         T = req.batch.ids.shape[1]
         t = cfg.text
         own = KVCache(self.cache.k[0], t.num_hidden_layers, 1, t.num_key_value_heads, T, t.head_dim)
-        logits, _ = prefill(m.params, req.batch, feats, own, cfg=cfg)  # [1, V]
+        probs = [] if req.attention else None
+        logits, _ = prefill(m.params, req.batch, feats, own, cfg=cfg, probs_out=probs)  # [1, V]
+        amap = None if probs is None else self.backend.to_host(image_attention(probs, req.batch.image_slot,
+                                                                               feats.shape[1]))[0]  # [L, N]
         tok = int(self.backend.to_host(self._pick(logits, [req]))[0])
         for layer in range(t.num_hidden_layers):  # its columns 0..T-1 into row `row` of the running cache
             self.cache.k[layer][row:row + 1, :, :T, :] = own.k[layer]
@@ -173,7 +178,7 @@ class Engine:
         with self.lock:
             self.rows[row] = req
             self.peak_running = max(self.peak_running, sum(r is not None for r in self.rows))
-        self._take(row, req, tok)
+        self._take(row, req, tok, amap)
 
     def _pick(self, logits, reqs):  # [B, V] device logits -> [B] device ids; one row at a time unless all greedy
         xp = self.backend.xp
@@ -195,22 +200,31 @@ class Engine:
                             positions=xp.asarray([[f[1]] for f in feeds], dtype=xp.int64),
                             cols=xp.asarray([f[2] for f in feeds], dtype=xp.int64),
                             key_valid=xp.ones((B, C), dtype=xp.bool))
-        logits = decode_step(self.model.params, state, cfg=self.cfg)  # [B, V]
+        probs = [] if any(r is not None and r.attention for r in rows) else None
+        logits = decode_step(self.model.params, state, cfg=self.cfg, probs_out=probs)  # [B, V]
+        maps = None if probs is None else self.backend.to_host(self._image_maps(probs))  # [B, L, N]
         ids = [int(i) for i in self.backend.to_host(self._pick(logits, rows))]
         for b, r in enumerate(rows):
             if r is not None:
                 _, pos, col = r.feed
                 r.feed = (ids[b], pos + 1, col + 1)
-                self._take(b, r, ids[b])
+                self._take(b, r, ids[b], maps[b] if maps is not None and r.attention else None)
 
-    def _take(self, row: int, req: Request, tok: int):
-        """Account one sampled token of `req`: emit the new text, or finish the row."""
+    def _image_maps(self, probs):  # every row's prompt is unpadded: its N image tokens sit in columns 0..N-1
+        xp, N = self.backend.xp, self.cfg.num_image_tokens
+        slots = xp.broadcast_to(xp.reshape(xp.arange(N, dtype=xp.int64), (1, N)), (self.max_batch, N))
+        return image_attention(probs, slots, N)
+
+    def _take(self, row: int, req: Request, tok: int, amap=None):
+        """Account one sampled token of `req` (and its attention map): emit the new text, or finish the row."""
         if req.cancelled:
             return self._finish(row, req, None, emit=False)
         m = self.model
         if tok in m.stop_ids:
             return self._finish(row, req, "stop", eos=True)
         req.tokens.append(tok)
+        if amap is not None:
+            req.maps.append(amap)
         text = m.tokenizer.decode(req.tokens)
         for s in req.stop:
             k = text.find(s)
@@ -242,4 +256,5 @@ class Engine:
         if len(text) > len(req.shown) and text.startswith(req.shown):
             req.emit({"type": "delta", "text": text[len(req.shown):]})
         req.emit({"type": "done", "text": text, "finish_reason": reason, "prompt_tokens": req.prompt_tokens,
-                  "completion_tokens": len(req.tokens) + eos, "token_ids": list(req.tokens)})
+                  "completion_tokens": len(req.tokens) + eos, "token_ids": list(req.tokens),
+                  "maps": req.maps[:len(req.tokens)]})

@@ -37,16 +37,17 @@ _find_checkout_backends()
 __version__ = "0.1.0"
 
 
-def load(model_dir=None, backend="numpy", *, progress=None, mmap=True):
+def load(model_dir=None, backend="numpy", *, progress=None, mmap=True, weights="float32"):
     """Load an HF PaliGemma model folder (the embedded shapes model if None) onto a backend.
 
     Returns a `npvlm.api.PaliGemmaModel` with `.logits(image, prompt, suffix=None)`,
     `.generate(image, prompt, ...)` and `.stream(image, prompt, ...)`. `mmap=False` reads the weights
-    into memory instead of mapping the files.
+    into memory instead of mapping the files. `weights` = "float32" | "bfloat16" | "int8": how the Linear
+    weights stay in memory (fewer bytes read per decoded token).
     """
     from .api import load as _load
 
-    return _load(model_dir, backend=backend, progress=progress, mmap=mmap)
+    return _load(model_dir, backend=backend, progress=progress, mmap=mmap, weights=weights)
 
 
 __all__ = ["load", "NpvlmError", "BackendError", "ConfigError", "CheckpointError", "TokenizerError", "ImageError",

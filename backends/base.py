@@ -34,6 +34,14 @@ class Backend:
     def peak_memory(self) -> "int | None":
         return None
 
+    def pack_weights(self, flat: dict, weights: str) -> dict:
+        """{name: host array} -> the same with the Linear weights held as `weights` ("bfloat16" | "int8")."""
+        if weights == "float32":
+            return flat
+        from ..errors import ConfigError
+
+        raise ConfigError(f"weights={weights!r} needs the numpy backend (the {self.name} backend holds float32 weights)")
+
     def set_threads(self, n: int) -> None:
         """Limit the CPU threads of the BLAS library (no-op where irrelevant)."""
 

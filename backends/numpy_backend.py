@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from array_api_compat import array_namespace
 
@@ -33,9 +35,34 @@ class NumpyBackend(Backend):
     def to_host(self, x):
         return np.asarray(x)
 
+    _threads = None  # set_threads(n), applied to numba too once it is imported
+
+    def pack_weights(self, flat: dict, weights: str) -> dict:
+        """Bf16Weight / Int8Weight for the Linear weights (packing.py), and the numba kernels that read them
+        registered now, not at import: importing numba costs ~0.5 s, which a float32 run never pays. Without
+        numba (the `fast` extra) nn.linear widens them on its reference path: same numbers, slower."""
+        from .packing import pack_weights
+
+        out = pack_weights(flat, weights)
+        if weights != "float32":
+            from .numba_kernels import register_numba_kernels
+
+            if register_numba_kernels() and self._threads is not None:
+                _numba_threads(self._threads)
+        return out
+
     def set_threads(self, n: int) -> None:
+        self._threads = int(n)
+        if "numba" in sys.modules:  # numba keeps its own pool; never imported just for this
+            _numba_threads(self._threads)
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:  # threadpoolctl is a dependency, but keep a working fallback
             return
         self._limits = threadpool_limits(limits=int(n), user_api="blas")
+
+
+def _numba_threads(n: int) -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))

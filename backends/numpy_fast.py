@@ -104,7 +104,26 @@ def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]: (x
     return out.reshape(x.shape)
 
 
-LEAN_OPS = {"gelu_tanh": gelu_tanh, "softmax": softmax, "rms_norm": rms_norm, "layer_norm": layer_norm}
+def top_candidates(z, k):  # [B, V] float, k -> [B, k] int64: generation/sampling.py top_candidates, no full sort
+    """np.argpartition finds the k-th largest value t; the candidates are every entry above t and the
+    lowest-index entries equal to t, sorted by (value descending, index): the stable sort's first k ids."""
+    if not (isinstance(z, np.ndarray) and z.ndim == 2 and 1 <= k < z.shape[1]) or np.isnan(z).any():
+        from npvlm.generation.sampling import top_candidates as op
+
+        return op.reference(z, k)
+    B, V = z.shape
+    out = np.empty((B, k), dtype=np.int64)
+    for b in range(B):
+        neg = -z[b]  # ascending in -z = descending in z; -0.0 == 0.0 as in the sort
+        t = neg[np.argpartition(neg, k - 1)[k - 1]]  # the k-th smallest of -z
+        above = np.flatnonzero(neg < t)
+        ties = np.flatnonzero(neg == t)[: k - above.size]
+        cand = np.concatenate([above, ties])
+        out[b] = cand[np.lexsort((cand, neg[cand]))]  # by value, then by index
+    return out
+
+
+LEAN_OPS = {"top_candidates": top_candidates, "gelu_tanh": gelu_tanh, "softmax": softmax, "rms_norm": rms_norm, "layer_norm": layer_norm}
 
 
 def register_numpy_fast_ops(names=None) -> list:

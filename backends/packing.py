@@ -11,6 +11,10 @@ here, on the backend side, in plain NumPy so it works without numba:
     quantize_int8(w)     float32 [out, in] -> q int8 [out, in], scale float32 [out]:
                          scale = max|w_row| / 127, q = round-half-even(w / scale) in [-127, 127]
     bf16_weight(w), int8_weight(w)   the containers the loader builds for weights="bfloat16" | "int8"
+    is_packed(name, shape)           which checkpoint tensors npvlm.load(weights=...) narrows: the 2-D
+                                     Linear weights of both towers and the projector (not embeddings)
+    pack_weights(flat, weights)      {name: float32 array | raw BF16 uint16 bits} -> the same with those
+                                     tensors as Bf16Weight / Int8Weight
 
 Each works a block of rows at a time so a 3B-parameter load holds no float32-sized temporaries.
 """
@@ -71,3 +75,30 @@ def bf16_weight(w) -> Bf16Weight:
 def int8_weight(w) -> Int8Weight:
     """A float32 Linear weight [out, in] -> Int8Weight (q, scale)."""
     return Int8Weight(*quantize_int8(w))
+
+
+def is_packed(name: str, shape) -> bool:
+    """The tensors weights="bfloat16" | "int8" narrows: every 2-D `.weight` that is not an embedding table
+    (q/k/v/o_proj, gate/up/down_proj, fc1/fc2, out_proj, the projector). Kept float32: biases and norms
+    (1-D), the patch embedding (4-D), position embeddings, and embed_tokens (gathered by the embedding
+    lookup and, tied, read whole by the head)."""
+    return len(shape) == 2 and name.endswith(".weight") and "embed" not in name.rsplit(".", 2)[-2]
+
+
+def pack_weights(flat: dict, weights: str) -> dict:
+    """The loader's {canonical name: array} with the is_packed tensors held as `weights`.
+
+    A uint16 array is a BF16 tensor's raw bits (checkpoint.load_weights with raw BF16): for "bfloat16" it is
+    wrapped as it is (still a view of the mapped file, nothing copied); for "int8" it is widened, exactly, then
+    quantized. A float32 one is rounded to bfloat16 or quantized."""
+    if weights == "float32":
+        return dict(flat)
+    out = {}
+    for name, a in flat.items():
+        if not is_packed(name, a.shape):
+            out[name] = a
+        elif a.dtype == np.uint16:
+            out[name] = Bf16Weight(a, widen_bf16) if weights == "bfloat16" else int8_weight(widen_bf16(a))
+        else:
+            out[name] = bf16_weight(a) if weights == "bfloat16" else int8_weight(a)
+    return out

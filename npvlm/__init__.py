@@ -42,7 +42,7 @@ def load(model_dir=None, backend="numpy", **options):
 
     A PaliGemma folder gives a `npvlm.api.PaliGemmaModel` (`.generate`, `.stream`, `.logits`); a SigLIP
     folder a `npvlm.siglip_api.SiglipModel` (`.embed_images`, `.embed_texts`, `.classify`). Options as
-    `npvlm.api.load`: `progress=`, `mmap=False` (read the weights into memory), `weights=` where supported,
+    `npvlm.api.load`: `progress=`, `mmap=False` (read the weights into memory), `weights="float32" | "bfloat16" | "int8"` (how the Linear weights stay in memory),
     `want="paligemma" | "siglip"` (refuse the other kind).
     """
     from .api import load as _load

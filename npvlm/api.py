@@ -44,7 +44,7 @@ def model_type(model_dir) -> str | None:
 
 
 def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: bool = True,
-         want: str | None = None):
+         want: str | None = None, weights: str = "float32"):
     """Load an HF model folder onto `backend`: PaliGemma -> PaliGemmaModel, SigLIP -> siglip_api.SiglipModel.
 
     The folder's config.json model_type picks the model; `want` ("paligemma" / "siglip") refuses the other
@@ -55,8 +55,17 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
     Everything is checked (config, tokenizer, every tensor name and shape, the memory it will take) before
     any weight is mapped. `mmap=False` reads the weights into memory, so the files may change afterwards;
     with mmap (the default) a checkpoint that changes on disk is refused at the next generate call.
+    `weights` says how the 2-D Linear weights (both towers, the projector) stay in memory: "float32", "bfloat16"
+    (a bf16 checkpoint's weights stay memory-mapped as stored; a float32 one is rounded) or "int8" (per-output-
+    channel symmetric, quantized here); embeddings, norms and biases stay float32 (backends/packing.py). Decode
+    reads every weight once per token, so fewer bytes a weight is a faster token (numba kernels, npvlm[fast]).
     """
+    from .io.memory import WEIGHTS
+    from .packed import PackedWeight
+
     t0 = time.perf_counter()
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     model_dir = os.path.expanduser(os.fspath(model_dir)) if model_dir else EMBEDDED_MODEL
     if looks_like_hub_id(model_dir):  # `org/name` that is not a local folder: the Hugging Face cache's snapshot
         model_dir = resolve_model(model_dir)
@@ -87,13 +96,17 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
                           f"(text_config.num_hidden_layers {cfg.text.num_hidden_layers}, vision_config.num_hidden_layers "
                           f"{cfg.vision.num_hidden_layers}) but the checkpoint holds {held}")
     identities = {}
+    from .backends.packing import is_packed
+
     flat = load_weights(model_dir, schema, progress=progress, mmap=mmap, headers=headers,
-                        identities=identities if mmap else None)
-    params = unflatten({k: be.asarray(v) for k, v in flat.items()})
+                        identities=identities if mmap else None, weights=weights, packed=is_packed)
+    flat = be.pack_weights(flat, weights)  # float32: unchanged
+    params = unflatten({k: v if isinstance(v, PackedWeight) else be.asarray(v) for k, v in flat.items()})
     be.synchronize()
     model = PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
     model.stop_ids = model.stop_ids | _generation_eos(model_dir, cfg.text.vocab_size)
     model.mapped_files = identities  # {path: (size, mtime_ns, inode)}: checked before each generation
+    model.weights = weights
     return model
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import npvlm.kv_cache  # noqa: F401  (defines write_columns' reference)
 import npvlm.nn  # noqa: F401  (defines the layer ops' references)
+import npvlm.generation.sampling  # noqa: F401  (defines top_candidates' reference)
 from npvlm import fast_ops
 from npvlm.backends import get_backend
 
@@ -74,7 +75,15 @@ def _softmax(rng):
     return (randn(rng, *shape, scale=10.0),), {"axis": int(rng.integers(-len(shape), len(shape)))}
 
 
+def _top_candidates(rng):  # ties (rounded logits), -inf (masked tokens), k from 1 to V
+    B, V = int(rng.integers(1, 4)), int(rng.choice([7, 64, 3000]))
+    z = np.round(rng.normal(0, 3, (B, V)), int(rng.integers(0, 3)))  # 0-2 decimals: many exact ties
+    z[rng.random((B, V)) < 0.05] = -np.inf
+    return (z,), {"k": int(rng.integers(1, V + 1))}
+
+
 BUILDERS = {
+    "top_candidates": (_top_candidates, 0.0, 0.0),  # ids: exact
     "write_columns": (_write_columns, 0.0, 0.0),
     "gelu_tanh": (_gelu_tanh, 1e-5, 1e-6),
     "rms_norm": (_rms_norm, 1e-5, 1e-6),

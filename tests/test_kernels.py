@@ -232,3 +232,29 @@ def test_without_numba_nothing_registers_and_linear_still_works(monkeypatch):
     finally:
         fast_ops._TABLE["linear"].clear()
         fast_ops._TABLE["linear"].update(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling without a full sort: the numpy top_candidates gives the reference's ids, so sample() draws the same
+
+
+@pytest.mark.parametrize("V", [50, 3000, 257216])
+def test_sample_draws_the_same_ids_as_the_full_sort(V):
+    from npvlm.generation.sampling import TOP_P_BLOCK, sample, top_candidates
+
+    assert fast_ops.replacement("top_candidates", np.ndarray) is not None  # the numpy backend registered it
+    rng = np.random.default_rng(V)
+    settings = [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 40, 0.8), (1.0, 1, 1.0), (0.5, 0, 0.5), (2.0, V - 1, 0.95),
+                (1.0, 0, 1.0), (3.0, 0, 0.99)]  # temperature, top_k, top_p: top-p alone at T=3 leaves the block
+    for seed in range(6 if V < 10000 else 2):
+        logits = rng.normal(0, 4, (3, V)).astype(np.float32)
+        logits[0, : V // 3] = np.round(logits[0, : V // 3])  # exact ties among likely tokens
+        for temperature, top_k, top_p in settings:
+            u = [float(x) for x in rng.random(3)]
+            fast = sample(logits, temperature, top_k, top_p, u)
+            with fast_ops.reference_only():
+                ref = sample(logits, temperature, top_k, top_p, u)
+            assert fast.tolist() == ref.tolist(), (seed, temperature, top_k, top_p)
+    z = np.zeros((2, V))  # every value tied: the lowest indices, in order
+    assert top_candidates(z, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert TOP_P_BLOCK < 257216

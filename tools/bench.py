@@ -2,6 +2,7 @@
 
     python tools/bench.py decode-flat            # time per decoded token at position 30 vs 300 (KV cache)
     python tools/bench.py vs-hf [--preset mid]   # npvlm vs HF transformers on the same checkpoint
+    python tools/bench.py vs-hf --weights float32,bfloat16,int8   # npvlm with each, against HF float32
     python tools/bench.py vs-hf --backend cupy   # the same on a GPU (torch on CUDA as the reference)
     python tools/bench.py ab --against DIR       # this checkout vs another checkout of npvlm, same run
 
@@ -131,13 +132,24 @@ def _median(rows, side, key):
     return statistics.median(row[side][key] for row in rows)
 
 
-def decode_bytes_per_token(d) -> int:
-    """Bytes of float32 weights one decode step reads: the whole decoder and the tied head (not the vision tower)."""
+def decode_bytes_per_token(d, weights: str = "float32") -> int:
+    """Bytes of weights one decode step reads: the whole decoder and the tied head (not the vision tower); with
+    `weights` bfloat16 / int8 the Linear weights at 2 bytes / 1 byte (+ a float32 scale a row), the rest float32."""
+    from npvlm.backends.packing import is_packed
     from npvlm.models.paligemma_config import PaliGemmaConfig
     from npvlm.models.paligemma_schema import expected_shapes
 
     shapes = expected_shapes(PaliGemmaConfig.from_dir(d))
-    return 4 * sum(math.prod(v) for k, v in shapes.items() if k.startswith("language_model."))
+    total = 0
+    for k, v in shapes.items():
+        if not k.startswith("language_model."):
+            continue
+        n = math.prod(v)
+        if weights != "float32" and is_packed(k, v):
+            total += 2 * n if weights == "bfloat16" else n + 4 * v[0]
+        else:
+            total += 4 * n
+    return total
 
 
 def _close_all(workers):
@@ -146,11 +158,14 @@ def _close_all(workers):
 
 
 def cmd_vs_hf(a):
-    """npvlm and HF transformers on the same checkpoint, alternating persistent processes, quiet rounds, medians."""
+    """npvlm (with each of --weights) and HF transformers float32 on the same checkpoint, alternating persistent
+    processes, quiet rounds, medians."""
     d = checkpoint(a.preset, a.dir)
     threads = a.threads or len(os.sched_getaffinity(0))
-    workers = {"npvlm": Worker("npvlm", d, "--backend", a.backend, "--threads", threads),
-               "hf": Worker("hf", d, "--device", "cuda" if a.backend == "cupy" else "cpu", "--threads", threads)}
+    kinds = a.weights.split(",")
+    sides = {("npvlm" if kinds == ["float32"] else f"npvlm-{w}"): w for w in kinds}
+    workers = {k: Worker("npvlm", d, "--backend", a.backend, "--threads", threads, "--weights", w) for k, w in sides.items()}
+    workers["hf"] = Worker("hf", d, "--device", "cuda" if a.backend == "cupy" else "cpu", "--threads", threads)
     if a.backend == "numpy":
         workers["bandwidth"] = Worker("bandwidth", a.bandwidth_mib, "--threads", threads)
     try:
@@ -158,29 +173,30 @@ def cmd_vs_hf(a):
     finally:
         _close_all(workers)
     rows = quiet if len(quiet) >= 3 else every
-    med = {k: {m: _median(rows, k, m) for m in ("first_token_s", "ms_per_token")} for k in ("npvlm", "hf")}
-    per_token = decode_bytes_per_token(d)
+    names = [*sides, "hf"]
+    med = {k: {m: _median(rows, k, m) for m in ("first_token_s", "ms_per_token")} for k in names}
+    per_token = {k: decode_bytes_per_token(d, sides.get(k, "float32")) for k in names}
     res = {"preset": a.preset, "checkpoint": d, "backend": a.backend, "threads": threads, "new_tokens": a.new_tokens,
            "rounds": a.rounds, "quiet_rounds": len(quiet), "max_other_load": a.max_other_load,
            "used": "quiet rounds" if rows is quiet else "all rounds (fewer than 3 were quiet)",
-           "npvlm": med["npvlm"], "hf": med["hf"],
-           "speedup_first_token": med["hf"]["first_token_s"] / med["npvlm"]["first_token_s"],
-           "speedup_decode": med["hf"]["ms_per_token"] / med["npvlm"]["ms_per_token"],
-           "decode_bytes_per_token": per_token,
-           "peak_rss_bytes": {k: max(r[k]["peak_rss_bytes"] for r in every) for k in ("npvlm", "hf")}}
+           **{k: med[k] for k in names}, "weights": sides,
+           **{f"speedup_first_token{k[5:]}": med["hf"]["first_token_s"] / med[k]["first_token_s"] for k in sides},
+           **{f"speedup_decode{k[5:]}": med["hf"]["ms_per_token"] / med[k]["ms_per_token"] for k in sides},
+           "decode_bytes_per_token": per_token if len(sides) > 1 else per_token["npvlm"],
+           "peak_rss_bytes": {k: max(r[k]["peak_rss_bytes"] for r in every) for k in names}}
     print(f"{a.preset}: {a.rounds} alternating rounds, {len(quiet)} quiet (other load <= {a.max_other_load} core), "
           f"medians over {res['used']}; {threads} threads")
-    print(f"{'':<16}{'npvlm':>12}{'HF torch':>12}{'HF/npvlm':>10}")
+    print(f"{'':<16}" + "".join(f"{k:>16}" for k in names) + "".join(f"{'HF/' + k:>20}" for k in sides))
     for m in ("first_token_s", "ms_per_token"):
-        print(f"{m:<16}{med['npvlm'][m]:>12.4f}{med['hf'][m]:>12.4f}{med['hf'][m] / med['npvlm'][m]:>10.2f}")
+        print(f"{m:<16}" + "".join(f"{med[k][m]:>16.4f}" for k in names)
+              + "".join(f"{med['hf'][m] / med[k][m]:>20.2f}" for k in sides))
     if "bandwidth" in workers:
         bw = _median(rows, "bandwidth", "gb_per_s")
         res["bandwidth_gb_per_s"] = bw
-        for k in ("npvlm", "hf"):
-            res[f"{k}_fraction_of_bandwidth"] = per_token / (med[k]["ms_per_token"] / 1e3) / 1e9 / bw
+        for k in names:
+            res[f"{k}_fraction_of_bandwidth"] = per_token[k] / (med[k]["ms_per_token"] / 1e3) / 1e9 / bw
         print(f"read bandwidth (float32 GEMV, {threads} threads): {bw:.1f} GB/s; a decode step reads "
-              f"{per_token / 1e9:.3f} GB: npvlm at {res['npvlm_fraction_of_bandwidth']:.0%}, "
-              f"HF at {res['hf_fraction_of_bandwidth']:.0%} of it")
+              + ", ".join(f"{k} {per_token[k] / 1e9:.3f} GB at {res[k + '_fraction_of_bandwidth']:.0%}" for k in names))
     return res
 
 
@@ -220,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--preset", default="mid", choices=list(PRESETS))
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--weights", default="float32",
+                    help="vs-hf: npvlm's weights, comma-separated (float32,bfloat16,int8: one npvlm process each)")
     ap.add_argument("--dir", help="checkpoint folder to use / create")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)

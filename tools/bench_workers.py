@@ -1,6 +1,6 @@
 """The persistent processes tools/bench.py alternates: one side each, talking JSON lines on stdin/stdout.
 
-    python tools/bench_workers.py npvlm DIR [--root CHECKOUT] [--backend numpy] [--threads N]
+    python tools/bench_workers.py npvlm DIR [--root CHECKOUT] [--backend numpy] [--threads N] [--weights int8]
     python tools/bench_workers.py hf DIR [--device cpu] [--threads N]
     python tools/bench_workers.py bandwidth MIB [--threads N]
 
@@ -59,9 +59,13 @@ def npvlm_side(a):
     if a.root:
         sys.path.insert(0, a.root)
     import npvlm
+    from npvlm.backends import get_backend
 
     t0 = time.perf_counter()
-    model = npvlm.load(a.dir, backend=a.backend)
+    backend = get_backend(a.backend)
+    if a.threads:
+        backend.set_threads(a.threads)  # BLAS, and numba once packed weights import it
+    model = npvlm.load(a.dir, backend=backend, **({"weights": a.weights} if a.weights != "float32" else {}))
     load_s = time.perf_counter() - t0
     img = image()
     model.generate(img, "caption en", max_new_tokens=2)  # warm-up: BLAS threads, caches
@@ -72,7 +76,7 @@ def npvlm_side(a):
         return {"first_token_s": st["image_seconds"] + st["prefill_seconds"],
                 "ms_per_token": 1e3 * st["decode_seconds"] / max(steps - 1, 1), "new_tokens": st["new_tokens"]}
 
-    serve(run, {"side": "npvlm", "load_s": load_s, "root": os.path.dirname(os.path.dirname(npvlm.__file__))})
+    serve(run, {"side": "npvlm", "weights": a.weights, "load_s": load_s, "root": os.path.dirname(os.path.dirname(npvlm.__file__))})
 
 
 def hf_side(a):
@@ -144,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--weights", default="float32", help="npvlm: float32 | bfloat16 | int8 (npvlm.load(weights=...))")
     a = ap.parse_args(argv)
     limit_threads(a.threads)
     if a.side == "bandwidth":

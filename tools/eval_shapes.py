@@ -118,10 +118,10 @@ class HFEngine:
 
 
 class NpvlmEngine:
-    def __init__(self, model_dir: str, backend: str = "numpy"):
+    def __init__(self, model_dir: str, backend: str = "numpy", weights: str = "float32"):
         import npvlm
 
-        self.model = npvlm.load(model_dir, backend=backend)
+        self.model = npvlm.load(model_dir, backend=backend, weights=weights)
 
     def run(self, scenes, jobs, max_new_tokens=MAX_NEW, batch=64):
         """Batched like the HF engine (same prompt text in a batch); npvlm's batches equal its single runs."""
@@ -163,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--engine", choices=["hf", "npvlm", "both"], default="hf")
     ap.add_argument("--backend", default="numpy", help="npvlm backend (default numpy)")
+    ap.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32",
+                    help="how npvlm holds the Linear weights (npvlm.load(weights=...)); HF always runs float32")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for --engine hf (1 is fastest on a busy machine)")
@@ -177,10 +179,11 @@ def main(argv=None):
     engines = ["hf", "npvlm"] if a.engine == "both" else [a.engine]
     for name in engines:
         t0 = time.perf_counter()
-        engine = HFEngine(a.model, threads=a.threads) if name == "hf" else NpvlmEngine(a.model, a.backend)
+        engine = HFEngine(a.model, threads=a.threads) if name == "hf" else NpvlmEngine(a.model, a.backend, a.weights)
         outputs[name] = engine.run(scenes, jobs, a.max_new_tokens)
         dt = time.perf_counter() - t0
-        results[name] = {"summary": evaluate(scenes, jobs, outputs[name]), "seconds": dt}
+        results[name] = {"summary": evaluate(scenes, jobs, outputs[name]), "seconds": dt,
+                         "weights": a.weights if name == "npvlm" else "float32"}
         print_table(f"engine {name} ({dt:.1f} s)", results[name]["summary"])
         if a.show:
             wrong = [(p, t, o[0]) for (i, p, t), o in zip(jobs, outputs[name]) if o[0].strip() != t][:a.show]

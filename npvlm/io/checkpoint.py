@@ -7,7 +7,9 @@ the shard index is checked (every shard present, inside the folder, each tensor 
 Loading is two-phase: every header of every shard is read and checked, the keys are renamed by the schema
 and compared with the shapes it implies; only then is data mapped. F32 tensors are zero-copy read-only views of an mmap (the
 arrays keep the map alive), so a 12 GB float32 checkpoint costs its size in page cache, not twice
-that in RSS. BF16 and F16 are widened to float32 on the host.
+that in RSS. BF16 and F16 are widened to float32 on the host, except the tensors the caller will keep
+in fewer bits (`weights=` "bfloat16" | "int8", `packed(name)`): a BF16 one comes back as its raw uint16
+bits, a view of the map like an F32 tensor (the caller wraps it, npvlm/packed.py; nothing is widened).
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ def read_headers(model_dir) -> tuple[dict[str, dict[str, TensorInfo]], dict | No
 
 
 def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True, headers=None,
-                 identities: dict | None = None) -> dict[str, np.ndarray]:
+                 identities: dict | None = None, weights: str = "float32",
+                 packed: "Callable[[str, tuple], bool] | None" = None) -> dict[str, np.ndarray]:
     """The model's weights as {canonical name: float32 host array}, or a CheckpointError; never half a model.
 
     Every header is validated and the key set and shapes are checked against the model family's
@@ -204,8 +207,14 @@ def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True,
     (memory.py) before the first array is made. `mmap=False` reads every tensor into memory (the file may then
     change or vanish); with mmap, `identities` (if given) receives each file's (size, mtime_ns, inode).
     `headers` is read_headers(model_dir), when the caller has it already.
+    `weights` != "float32": the tensors with `packed(canonical name, shape)` true will be kept in bfloat16 or
+    int8 by the caller; BF16 ones come back as raw uint16 bits (mapped, not widened), and the memory check
+    counts what stays resident in that form (a refusal names the `--weights` that would fit).
     """
-    from .memory import check_fits, gib, load_estimate
+    from .memory import WEIGHTS, available_bytes, check_fits, gib, load_estimate, weights_that_fit
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
 
     headers, wmap = read_headers(model_dir) if headers is None else headers
     found = _canonical_sources(_sources(headers, wmap, model_dir), schema, model_dir)
@@ -213,20 +222,26 @@ def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True,
     for name in schema.optional:
         found.pop(name, None)  # e.g. a head tied to the embedding: its shape was checked, its data is not needed
     total = sum(t.nbytes for _, _, t in found.values())
-    anon, mapped = load_estimate([t for _, _, t in found.values()], mmap)
-    check_fits(anon, f"{_p(model_dir)}: loading {len(found)} tensors as float32" +
-               (f" (plus {gib(mapped)} of F32 mapped from the file)" if mapped else ""),
-               lambda: "" if mmap else "; try without --no-mmap")
+    names = list(found)
+    infos = [found[k][2] for k in names]
+    narrow = [weights != "float32" and packed is not None and packed(k, found[k][2].shape) for k in names]
+    flags = [packed is not None and packed(k, found[k][2].shape) for k in names]
+    anon, mapped = load_estimate(infos, mmap, weights, narrow)
+    check_fits(anon, f"{_p(model_dir)}: loading {len(found)} tensors as {weights}" +
+               (f" (plus {gib(mapped)} mapped from the file)" if mapped else ""),
+               lambda: weights_that_fit(infos, mmap, flags, available_bytes(), weights) +
+               ("" if mmap else "; try without --no-mmap"))
+    raw = dict(zip(names, narrow))
     done, out, maps = 0, {}, {}
     for canon in schema.required:
-        raw, path, info = found[canon]
+        raw_name, path, info = found[canon]
         if path not in maps:
             if identities is not None:
                 identities[path] = file_identity(path)
             maps[path] = _map_file(path)
             if maps[path][1] != headers[path]:
                 raise _fail(path, "changed on disk while loading")
-        out[canon] = _array(path, maps[path][0], raw, info, copy=not mmap)
+        out[canon] = _array(path, maps[path][0], raw_name, info, copy=not mmap, raw_bf16=raw[canon])
         done += info.nbytes
         if progress is not None:
             progress(done, total, path)

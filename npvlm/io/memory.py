@@ -2,7 +2,8 @@
 
     available_bytes()                     min(cgroup limit - usage, MemAvailable, ulimit -v room, NPVLM_MEMORY_LIMIT)
     check_sizes(cfg, where)               the config sizes that drive allocations are sane (layers, positions)
-    load_estimate(infos, mmap)            host bytes the weights take once widened to float32
+    load_estimate(infos, mmap, weights, packed)   host bytes the weights take resident: float32, or the Linear
+                                          weights kept in bfloat16 / int8 (`--weights`)
     generation_estimate(cfg, B, T, new)   KV cache + prefill activations for B rows of T prompt tokens + new
     check_fits(need, what, hint)          one MemoryError-free refusal line: needed, available, what would fit
 
@@ -99,17 +100,46 @@ def check_sizes(cfg, where: str) -> None:
             raise ConfigError(f"{where}: {name} = {val} is more than npvlm supports ({cap})")
 
 
-def load_estimate(infos, mmap: bool = True) -> tuple[int, int]:
-    """(anonymous bytes, file-backed bytes) for tensors given as TensorInfo: BF16/F16 are widened into new
-    float32 arrays; F32 ones are views of the mapped file (page cache) unless `mmap` is off."""
-    anon = mapped = 0
-    for t in infos:
-        wide = t.nbytes * 4 // {"F32": 4, "BF16": 2, "F16": 2}.get(t.dtype, 4)
-        if t.dtype == "F32" and mmap:
-            mapped += wide
+WEIGHTS = ("float32", "bfloat16", "int8")  # how the 2-D Linear weights are held (npvlm/packed.py)
+
+
+def load_estimate(infos, mmap: bool = True, weights: str = "float32", packed=None) -> tuple[int, int]:
+    """(anonymous bytes, file-backed bytes) for tensors given as TensorInfo, resident as `weights`.
+
+    float32: BF16/F16 are widened into new float32 arrays; F32 ones are views of the mapped file (page cache)
+    unless `mmap` is off. For the tensors flagged in `packed` (parallel to infos; the 2-D Linear weights),
+    bfloat16 keeps 2 bytes a weight (a BF16 file's bits stay mapped, others are rounded into new arrays) and
+    int8 1 byte plus a float32 scale per row, plus the largest such tensor widened once while quantizing."""
+    infos = list(infos)
+    packed = [False] * len(infos) if packed is None else list(packed)
+    anon = mapped = peak = 0
+    for t, pk in zip(infos, packed):
+        n = t.nbytes // {"F32": 4, "BF16": 2, "F16": 2}.get(t.dtype, 4)  # elements
+        if pk and weights == "bfloat16":
+            if t.dtype == "BF16" and mmap:
+                mapped += 2 * n
+            else:
+                anon += 2 * n
+        elif pk and weights == "int8":
+            anon += n + 4 * (t.shape[0] if t.shape else 1)
+            peak = max(peak, 4 * n if t.dtype != "F32" else 0)  # a BF16/F16 weight is widened whole, then quantized
+        elif t.dtype == "F32" and mmap:
+            mapped += 4 * n
         else:
-            anon += wide
-    return anon, mapped
+            anon += 4 * n
+    return anon + peak, mapped
+
+
+def weights_that_fit(infos, mmap: bool, packed, have: "int | None", current: str = "float32") -> str:
+    """'; --weights X would fit (N GiB)' for the other weight modes that fit in `have` bytes, or ''."""
+    if have is None:
+        return ""
+    fits = []
+    for w in (w for w in WEIGHTS if w != current):
+        anon = load_estimate(infos, mmap, w, packed)[0]
+        if anon <= have:
+            fits.append(f"--weights {w} would fit ({gib(anon)})")
+    return "; " + ", ".join(fits) if fits else ""
 
 
 def generation_estimate(cfg, batch: int, prompt_tokens: int, max_new_tokens: int, itemsize: int = 4) -> int:

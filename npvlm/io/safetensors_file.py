@@ -8,7 +8,9 @@ unknown dtypes, git-LFS pointers), so that hostile or broken files fail with one
 line instead of a NumPy traceback or a silently wrong model.
 
 F32 tensors are zero-copy read-only views of an mmap (the arrays keep the map alive); BF16 and F16
-are widened to float32 on the host.
+are widened to float32 on the host, unless the caller asks for BF16 as raw bits (`raw_bf16`): then
+a BF16 tensor is a zero-copy read-only uint16 view of the map, its bits as stored (bfloat16 is the
+top half of a float32), for weights kept resident in bfloat16 (npvlm/packed.py Bf16Weight).
 """
 
 from __future__ import annotations
@@ -177,12 +179,14 @@ def _map_file(path):
     return mm, _parse_header(path, len(mm), lambda o, c: mm[o : o + c])[0]
 
 
-def _array(path, mm, name: str, t: TensorInfo, copy: bool = False) -> np.ndarray:
+def _array(path, mm, name: str, t: TensorInfo, copy: bool = False, raw_bf16: bool = False) -> np.ndarray:
     """One tensor: F32 (and other NumPy dtypes) as a view of the map (a copy in memory with `copy`),
-    BF16/F16 widened to float32."""
+    BF16/F16 widened to float32; with `raw_bf16` a BF16 tensor is its uint16 bits, viewed like an F32 one."""
     itemsize, code = DTYPES[t.dtype]
     count = t.nbytes // itemsize
-    if t.dtype == "BF16":  # bfloat16 is the top half of a float32
+    if t.dtype == "BF16" and raw_bf16:
+        code = "<u2"  # the stored bits, mapped (or copied) exactly as F32 data is
+    elif t.dtype == "BF16":  # bfloat16 is the top half of a float32
         wide = np.frombuffer(mm, dtype="<u2", count=count, offset=t.start).astype(np.uint32)
         wide <<= 16
         _release(mm, t)
@@ -209,11 +213,12 @@ def _release(mm, t: TensorInfo) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def read_safetensors(path, *, names=None) -> dict[str, np.ndarray]:
-    """Validated tensors of one file (all, or `names`): F32 zero-copy read-only, BF16/F16 as float32."""
+def read_safetensors(path, *, names=None, raw_bf16: bool = False) -> dict[str, np.ndarray]:
+    """Validated tensors of one file (all, or `names`): F32 zero-copy read-only, BF16/F16 as float32
+    (BF16 as its raw uint16 bits, zero-copy read-only, with `raw_bf16`)."""
     mm, infos = _map_file(path)
     wanted = list(infos) if names is None else list(names)
     for name in wanted:
         if name not in infos:
             raise _fail(path, f"no tensor {_q(name)} in this file ({len(infos)} tensors)")
-    return {name: _array(path, mm, name, infos[name]) for name in wanted}
+    return {name: _array(path, mm, name, infos[name], raw_bf16=raw_bf16) for name in wanted}

@@ -239,10 +239,10 @@ def test_without_numba_nothing_registers_and_linear_still_works(monkeypatch):
 
 
 @pytest.mark.parametrize("V", [50, 3000, 257216])
-def test_sample_draws_the_same_ids_as_the_full_sort(V):
+def test_sample_draws_the_same_ids_as_the_full_sort(V, registered):
     from npvlm.generation.sampling import TOP_P_BLOCK, sample, top_candidates
 
-    assert fast_ops.replacement("top_candidates", np.ndarray) is not None  # the numpy backend registered it
+    assert fast_ops.replacement("top_candidates", np.ndarray) is not None  # registered (as the numpy backend does)
     rng = np.random.default_rng(V)
     settings = [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 40, 0.8), (1.0, 1, 1.0), (0.5, 0, 0.5), (2.0, V - 1, 0.95),
                 (1.0, 0, 1.0), (3.0, 0, 0.99)]  # temperature, top_k, top_p: top-p alone at T=3 leaves the block

@@ -76,8 +76,9 @@ def hf_loss_and_grads(model_dir, images, prefixes, suffixes):
 
     model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     inputs = hf_batch(model_dir, images, prefixes, suffixes)
-    loss = model(**inputs).loss
-    loss.backward()
+    with torch.enable_grad():  # other test modules turn autograd off for the whole process
+        loss = model(**inputs).loss
+        loss.backward()
     grads = {canonical_name(n): p.grad.numpy() for n, p in model.named_parameters()}
     return float(loss.detach()), {k: v for k, v in grads.items() if k is not None}, inputs
 

@@ -1,4 +1,4 @@
-"""Hand-written backward passes (vector-Jacobian products) for the layers of npvlm.nn, llm.c style.
+"""Hand-written backward passes: the dense, normalisation and attention layers (vector-Jacobian products) of npvlm.nn, llm.c style.
 
 Each forward `f` of nn.py gets a pair here:
 
@@ -21,8 +21,8 @@ import math
 
 from array_api_compat import array_namespace
 
-from . import nn
-from .contrastive import l2_normalize_backward, l2_normalize_forward  # noqa: F401 (re-exported: L2 norm lives there)
+from .. import nn
+from ..contrastive import l2_normalize_backward, l2_normalize_forward  # noqa: F401 (re-exported: L2 norm lives there)
 
 ONE_HOT_BUDGET = 1 << 24  # most one-hot entries (16 Mi floats, 64 MiB) a scatter-add builds at once
 
@@ -295,95 +295,3 @@ def attention_backward(do, saved):  # [B, H, T, E] -> (dq [B, H, T, E], dk [B, K
     dq = xp.reshape(ds @ k, (B, H, T, E))
     dk = xp.matrix_transpose(ds) @ qg  # [B, K, S, E]: summed over the G heads of the group
     return dq, dk, dv
-
-
-# --- embeddings, head and loss ------------------------------------------------------------------
-
-def embed_forward(ids, weight, scale=None):  # [...] int, [V, D] -> [..., D]
-    """Gemma's lookup times sqrt(D) (rounded to the weight's dtype, as HF); scale=1.0 for a plain lookup.
-
-    Saves the ids by reference (itemsize bytes per token) and the table by reference (free).
-    """
-    xp = array_namespace(weight)
-    V, D = weight.shape
-    s = xp.asarray(math.sqrt(D) if scale is None else scale, dtype=weight.dtype)
-    e = xp.take(weight, xp.reshape(ids, (-1,)), axis=0) * s  # [n, D]
-    return xp.reshape(e, tuple(ids.shape) + (D,)), {"ids": ids, "weight": weight, "scale": s}
-
-
-def embed_backward(dy, saved):  # [..., D] -> {weight [V, D]}; the int ids have no gradient
-    """Scatter-add of the rows of dy into the table, as one-hot^T @ dy in blocks of tokens.
-
-    The array API has no scatter: a [n, V] one-hot matmul adds repeated ids (the same row picked twice
-    gets both gradients) at n*V*D multiply-adds, what the tied head's own matmul costs; blocks keep the
-    one-hot under ONE_HOT_BUDGET entries.
-    """
-    xp = array_namespace(dy)
-    w = saved["weight"]
-    V, D = w.shape
-    ids, g = xp.reshape(saved["ids"], (-1,)), _rows(dy * saved["scale"], D)  # [n], [n, D]
-    vocab = xp.arange(V, dtype=ids.dtype)
-    rows = max(1, ONE_HOT_BUDGET // max(1, V))
-    dw = xp.zeros((V, D), dtype=w.dtype)
-    n = ids.shape[0]
-    for a in range(0, n, rows):
-        c = min(a + rows, n)
-        hot = xp.astype(ids[a:c, None] == vocab[None, :], w.dtype)  # [rows, V]
-        dw = dw + xp.matrix_transpose(hot) @ g[a:c, :]  # row v gets the sum of dy over tokens with id v
-    return {"weight": dw}
-
-
-def softcap_forward(x, cap):  # [...] -> [...]: Gemma 2's c * tanh(x / c)
-    """Saves tanh(x / c): 4 bytes per element."""
-    xp = array_namespace(x)
-    t = xp.tanh(x / cap)
-    return cap * t, {"t": t}
-
-
-def softcap_backward(dy, saved):
-    return dy * (1.0 - saved["t"] * saved["t"])
-
-
-def lm_head_forward(h, weight, softcap=None):  # [..., D], [V, D] -> [..., V] float32: the tied head
-    """Saves h (reference) and, with Gemma 2's final soft-cap, tanh(z / c) [.., V]: 4V bytes per row."""
-    xp = array_namespace(h)
-    z, sl = linear_forward(h, weight)
-    z = xp.astype(z, xp.float32)
-    if softcap is None:
-        return z, {"linear": sl, "cap": None}
-    y, sc = softcap_forward(z, softcap)
-    return y, {"linear": sl, "cap": sc}
-
-
-def lm_head_backward(dy, saved):  # [..., V] -> [..., D], {weight [V, D]}: add it to the lookup's with add_grads
-    dz = dy if saved["cap"] is None else softcap_backward(dy, saved["cap"])
-    return linear_backward(dz, saved["linear"])
-
-
-def cross_entropy_forward(logits, labels, ignore_index=-100):  # [..., V] float32, [...] int -> scalar
-    """Mean of -log softmax(logits)[label] over the counted tokens (labels == ignore_index left out), as HF.
-
-    Shift first for next-token prediction (logits[:, :-1], labels[:, 1:]); no counted token gives 0.
-    Saves logits and labels by reference and logsumexp [rows]: 4 new bytes per row.
-    """
-    xp = array_namespace(logits)
-    V = logits.shape[-1]
-    z, y = _rows(logits, V), xp.reshape(labels, (-1,))  # [n, V], [n]
-    m = xp.max(z, axis=-1, keepdims=True)
-    lse = m + xp.log(xp.sum(xp.exp(z - m), axis=-1, keepdims=True))  # [n, 1]
-    hot = xp.astype(y[:, None] == xp.arange(V, dtype=y.dtype)[None, :], z.dtype)  # ignored rows: all zero
-    valid = xp.astype(y != ignore_index, z.dtype)  # [n]
-    count = xp.maximum(xp.sum(valid), 1.0)
-    loss = xp.sum((lse[:, 0] - xp.sum(z * hot, axis=-1)) * valid) / count
-    return loss, {"logits": logits, "labels": labels, "lse": lse, "valid": valid, "count": count}
-
-
-def cross_entropy_backward(dloss, saved):  # scalar -> [..., V]
-    xp = array_namespace(saved["lse"])
-    logits = saved["logits"]
-    V = logits.shape[-1]
-    z, y = _rows(logits, V), xp.reshape(saved["labels"], (-1,))
-    hot = xp.astype(y[:, None] == xp.arange(V, dtype=y.dtype)[None, :], z.dtype)
-    # dz = (softmax(z) - onehot(label)) * counted / count
-    dz = (xp.exp(z - saved["lse"]) - hot) * (saved["valid"][:, None] * (dloss / saved["count"]))
-    return xp.reshape(dz, tuple(logits.shape))

@@ -129,6 +129,7 @@ SUBCOMMANDS = (
     "demo",
     "label",
     "serve",
+    "quantize",
 )
 
 

@@ -36,7 +36,7 @@ class Backend:
 
     def pack_weights(self, flat: dict, weights: str) -> dict:
         """{name: host array} -> the same with the Linear weights held as `weights` ("bfloat16" | "int8")."""
-        if weights == "float32":
+        if weights == "float32" and not any(isinstance(v, tuple) for v in flat.values()):
             return flat
         from ..errors import ConfigError
 

@@ -91,11 +91,12 @@ def pack_weights(flat: dict, weights: str) -> dict:
     A uint16 array is a BF16 tensor's raw bits (checkpoint.load_weights with raw BF16): for "bfloat16" it is
     wrapped as it is (still a view of the mapped file, nothing copied); for "int8" it is widened, exactly, then
     quantized. A float32 one is rounded to bfloat16 or quantized."""
-    if weights == "float32":
-        return dict(flat)
     out = {}
     for name, a in flat.items():
-        if not is_packed(name, a.shape):
+        if isinstance(a, tuple):  # (q, scale) from an int8 checkpoint (npvlm quantize)
+            w = Int8Weight(*a)
+            out[name] = w if weights == "int8" else w.widen() if weights == "float32" else bf16_weight(w.widen())
+        elif weights == "float32" or not is_packed(name, a.shape):
             out[name] = a
         elif a.dtype == np.uint16:
             out[name] = Bf16Weight(a, widen_bf16) if weights == "bfloat16" else int8_weight(widen_bf16(a))

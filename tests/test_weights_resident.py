@@ -172,3 +172,30 @@ def test_weights_option_is_checked_and_reaches_the_cli(bf16_ckpt):
         npvlm.load(bf16_ckpt, weights="float16")
     args = build_parser().parse_args(["generate", "--model", bf16_ckpt, "--weights", "int8", "--image", "x.png"])
     assert args.weights == "int8"
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_quantize_writes_a_folder_that_loads_back_equal_to_quantizing_at_load(f32_ckpt, tmp_path, weights):
+    import json
+
+    from npvlm.apps.cli import main
+
+    out = str(tmp_path / f"q-{weights}")
+    assert main(["quantize", "--model", f32_ckpt, "--out", out, "--weights", weights]) == 0
+    note = json.load(open(os.path.join(out, "config.json")))["npvlm_quantization"]
+    assert note["weights"] == weights
+    at_load = list(leaves(npvlm.load(f32_ckpt, weights=weights).params))
+    back = list(leaves(npvlm.load(out, weights=weights).params))
+    assert len(at_load) == len(back)
+    for a, b in zip(at_load, back):
+        assert type(a) is type(b)
+        if isinstance(a, Int8Weight):
+            assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale)
+        elif isinstance(a, Bf16Weight):
+            assert np.array_equal(a.bits, b.bits) and mapped(b.bits)
+        else:
+            assert np.array_equal(a, b)
+    # the same folder as float32: the stored weights widened (q * scale, or the bf16 bits)
+    widened = npvlm.load(out).logits(image(0), "caption en")
+    packed = npvlm.load(out, weights=weights).logits(image(0), "caption en")
+    assert np.abs(widened - packed).max() < 1e-4  # summation order only

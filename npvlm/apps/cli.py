@@ -131,6 +131,7 @@ SUBCOMMANDS = (
     "serve",
     "classify",
     "embed",
+    "quantize",
 )
 
 

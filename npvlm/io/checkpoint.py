@@ -31,6 +31,7 @@ MAX_INDEX_BYTES = 100_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_DTYPES = ("F32", "BF16", "F16")
+SCALE_SUFFIX = "_scale"  # `npvlm quantize`: NAME (I8 [out, in]) + NAME_scale (F32 [out]) is one int8 weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +169,30 @@ def _canonical_sources(sources, schema: Schema, where) -> dict[str, tuple[str, s
     return out
 
 
-def _check_against_schema(found, schema: Schema, where) -> None:
+def _split_scales(sources, where) -> dict[str, tuple[str, TensorInfo]]:
+    """Take the `NAME_scale` tensors of int8 weights (npvlm quantize) out of `sources`: {raw NAME: (file, info)}."""
+    scales = {}
+    for raw in [r for r in sources if r.endswith(SCALE_SUFFIX)]:
+        base = raw[: -len(SCALE_SUFFIX)]
+        if base in sources and sources[base][1].dtype == "I8":
+            path, info = sources.pop(raw)
+            q = sources[base][1]
+            if info.dtype != "F32" or len(q.shape) != 2 or info.shape != q.shape[:1]:
+                raise _fail(path, f"{_q(raw)} is {info.dtype} {list(info.shape)}; the scale of an I8 weight "
+                                  f"{list(q.shape)} must be F32 [{q.shape[0] if q.shape else '?'}]")
+            scales[base] = (path, info)
+    return scales
+
+
+def _check_against_schema(found, schema: Schema, where, quantized=frozenset()) -> None:
     """One error listing every missing, unexpected, mis-shaped and wrongly typed weight."""
     want = {**schema.required, **schema.optional}
     missing = [k for k in schema.required if k not in found]
     unexpected = [_q(raw) for k, (raw, _, _) in found.items() if k not in want]
     shapes = [f"{k} {list(t.shape)} ({schema.source} implies {list(want[k])})"
               for k, (_, _, t) in found.items() if k in want and t.shape != want[k]]
-    dtypes = [f"{k} is {t.dtype}" for k, (_, _, t) in found.items() if k in want and t.dtype not in WEIGHT_DTYPES]
+    dtypes = [f"{k} is {t.dtype}" for k, (raw, _, t) in found.items() if k in want and t.dtype not in WEIGHT_DTYPES
+              and not (t.dtype == "I8" and raw in quantized)]
     problems = [f"{len(missing)} missing: {_short(missing)}" if missing else "",
                 f"{len(unexpected)} unexpected: {_short(unexpected)}" if unexpected else "",
                 f"{len(shapes)} with the wrong shape: {_short(shapes, 4)}" if shapes else "",
@@ -217,8 +234,10 @@ def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True,
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
 
     headers, wmap = read_headers(model_dir) if headers is None else headers
-    found = _canonical_sources(_sources(headers, wmap, model_dir), schema, model_dir)
-    _check_against_schema(found, schema, model_dir)
+    sources = _sources(headers, wmap, model_dir)
+    scales = _split_scales(sources, model_dir)  # int8 checkpoints written by `npvlm quantize`
+    found = _canonical_sources(sources, schema, model_dir)
+    _check_against_schema(found, schema, model_dir, frozenset(scales))
     for name in schema.optional:
         found.pop(name, None)  # e.g. a head tied to the embedding: its shape was checked, its data is not needed
     total = sum(t.nbytes for _, _, t in found.values())
@@ -233,15 +252,22 @@ def load_weights(model_dir, schema: Schema, *, progress=None, mmap: bool = True,
                ("" if mmap else "; try without --no-mmap"))
     raw = dict(zip(names, narrow))
     done, out, maps = 0, {}, {}
-    for canon in schema.required:
-        raw_name, path, info = found[canon]
+
+    def mapped(path):
         if path not in maps:
             if identities is not None:
                 identities[path] = file_identity(path)
             maps[path] = _map_file(path)
             if maps[path][1] != headers[path]:
                 raise _fail(path, "changed on disk while loading")
-        out[canon] = _array(path, maps[path][0], raw_name, info, copy=not mmap, raw_bf16=raw[canon])
+        return maps[path][0]
+
+    for canon in schema.required:
+        raw_name, path, info = found[canon]
+        out[canon] = _array(path, mapped(path), raw_name, info, copy=not mmap, raw_bf16=raw[canon])
+        if raw_name in scales:  # an int8 weight: (q int8 [out, in], scale float32 [out]), packed by the caller
+            spath, sinfo = scales[raw_name]
+            out[canon] = (out[canon], _array(spath, mapped(spath), raw_name + SCALE_SUFFIX, sinfo, copy=not mmap))
         done += info.nbytes
         if progress is not None:
             progress(done, total, path)

@@ -114,7 +114,7 @@ def load_estimate(infos, mmap: bool = True, weights: str = "float32", packed=Non
     packed = [False] * len(infos) if packed is None else list(packed)
     anon = mapped = peak = 0
     for t, pk in zip(infos, packed):
-        n = t.nbytes // {"F32": 4, "BF16": 2, "F16": 2}.get(t.dtype, 4)  # elements
+        n = t.nbytes // {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}.get(t.dtype, 4)  # elements
         if pk and weights == "bfloat16":
             if t.dtype == "BF16" and mmap:
                 mapped += 2 * n

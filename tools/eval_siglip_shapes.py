@@ -4,6 +4,8 @@
 
   one shape:  top-1 over the 18 labels "a {colour} {kind}" (chance 1/18)
   two shapes: the true caption against the same two shapes in swapped order (chance 1/2)
+  retrieval:  over n held-out scenes of two shapes, recall@1 and @5 image -> text among the n captions and
+              text -> image among the n images (a caption that several scenes share counts for each of them)
 """
 
 from __future__ import annotations
@@ -33,8 +35,19 @@ def main(argv=None):
     right = model.embed_texts([sc.caption for sc in twos])
     swapped = model.embed_texts([caption(sc.shapes[::-1]) for sc in twos])
     order = np.mean(np.sum(img2 * right, -1) > np.sum(img2 * swapped, -1))
+    caps = [sc.caption for sc in twos]
+    sim = img2 @ right.T  # [n images, n captions]
+    same = np.array([[a == b for b in caps] for a in caps])  # the right answers, duplicates included
+    recall = {}
+    for k in (1, 5):
+        i2t = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        t2i = np.argsort(-sim.T, axis=1, kind="stable")[:, :k]
+        recall[k] = (np.mean([same[i, i2t[i]].any() for i in range(len(caps))]),
+                     np.mean([same[t, t2i[t]].any() for t in range(len(caps))]))
     print(f"one shape, top-1 of 18 labels: {top1:.3f} (n={args.n}, chance 0.056)")
     print(f"two shapes, caption vs swapped order: {order:.3f} (n={args.n}, chance 0.5)")
+    print(f"retrieval over {args.n} two-shape scenes ({len(set(caps))} distinct captions): image->text recall@1 "
+          f"{recall[1][0]:.3f}, @5 {recall[5][0]:.3f}; text->image recall@1 {recall[1][1]:.3f}, @5 {recall[5][1]:.3f}")
 
 
 if __name__ == "__main__":

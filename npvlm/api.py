@@ -20,6 +20,7 @@ from .io.files import bad_number, read_json_object
 from .io.hub import looks_like_hub_id, resolve_model
 from .io.images import ImageProcessorConfig
 from .io.memory import check_generation, check_sizes
+from .io.scan import pack_naming_nonfinite, weights_error
 from .io.tokenizer import Tokenizer
 from .models.paligemma import forward, image_features, prefix_lm_masks
 from .models.paligemma_config import PaliGemmaConfig
@@ -100,7 +101,8 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
 
     flat = load_weights(model_dir, schema, progress=progress, mmap=mmap, headers=headers,
                         identities=identities if mmap else None, weights=weights, packed=is_packed)
-    flat = be.pack_weights(flat, weights)  # float32: unchanged
+    # float32: unchanged; int8 cannot hold NaN / Inf, and the refusal names the tensor
+    flat = pack_naming_nonfinite(lambda f: be.pack_weights(f, weights), flat, model_dir, schema.rename)
     params = unflatten({k: v if isinstance(v, PackedWeight) else be.asarray(v) for k, v in flat.items()})
     be.synchronize()
     model = PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
@@ -148,6 +150,10 @@ class PaliGemmaModel:
             if now != ident:
                 raise GenerationError(f"{path}: checkpoint changed on disk since it was loaded: reload it "
                                       f"(npvlm.load(..., mmap=False) / --no-mmap reads it into memory)")
+
+    def not_finite(self, what: str):
+        """error(values) for outputs `what` that hold NaN / Inf: the weights at fault, by file and tensor name."""
+        return lambda values: weights_error(self, paligemma_schema(self.config).rename, what, values)
 
     def encode_images(self, rgb):  # upright RGB PIL images -> image features on the device [B, N, D]
         self.check_files()  # the first use of the weights in generate / stream / logits
@@ -215,7 +221,8 @@ class PaliGemmaModel:
         feats = self.encode_images(rgb)  # [B, N, D]
         self.backend.synchronize()
         stats = {"image_sizes": [im.size for im in rgb], "image_seconds": time.perf_counter() - t0}
-        steps = generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats, maps)
+        steps = generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats, maps,
+                                not_finite=self.not_finite("the first step's logits"))
         return steps, stats
 
 

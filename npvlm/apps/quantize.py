@@ -63,7 +63,11 @@ def quantize(model_dir: str | None, out_dir: str, weights: str) -> str:
     cfg = PaliGemmaConfig.from_dir(model_dir)
     from ..backends.packing import is_packed
 
-    flat = pack_weights(load_weights(model_dir, paligemma_schema(cfg), weights=weights, packed=is_packed), weights)
+    from ..io.scan import pack_naming_nonfinite
+
+    schema = paligemma_schema(cfg)
+    flat = pack_naming_nonfinite(lambda f: pack_weights(f, weights),  # NaN / Inf: one line naming the tensor
+                                 load_weights(model_dir, schema, weights=weights, packed=is_packed), model_dir, schema.rename)
     tensors = {}
     for name, w in flat.items():
         if isinstance(w, Int8Weight):

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..io.scan import check_finite
 from ..kv_cache import KVCache
 from ..models.paligemma import advance, decode_step, image_attention, prefill
 from .sampling import check_params, sample
@@ -69,11 +70,14 @@ class GenerationResult:
         return parse_segments(self.text, *self.image_size)
 
 
-def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, stop_ids, stats: dict, maps=None):
+def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, stop_ids, stats: dict, maps=None,
+                    not_finite=None):
     """Yield the next ids of every row (a host list of B ints) at each step, until every row has met a
     stop id or the budget is spent. `prompt` is a PromptBatch, `feats` the image features [B, N, D].
     With a list `maps`, each step also appends the attention of the query that chose its ids to the image
-    tokens, host float32 [B, L, N] (image_attention); without one, no attention weights are computed."""
+    tokens, host float32 [B, L, N] (image_attention); without one, no attention weights are computed.
+    `not_finite(logits)` gives the error raised when the first step's logits hold NaN / Inf (NaN weights
+    make every step NaN, and argmax would pick id 0 for ever); checked at that step only, never per token."""
     xp = backend.xp
     t = cfg.text
     B, T = prompt.ids.shape
@@ -83,6 +87,8 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
     t0 = time.perf_counter()
     probs = None if maps is None else []
     logits, state = prefill(params, prompt, feats, cache, cfg=cfg, probs_out=probs)
+    if not_finite is not None:
+        check_finite(logits, not_finite)  # [B, V]: one reduction, once
     _keep_maps(maps, probs, prompt, feats, backend)
     chosen = _pick(logits, sampling, rng)  # [B] on the device
     ids = [int(i) for i in backend.to_host(chosen)]  # reading it back waits for the device

@@ -22,8 +22,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..errors import NpvlmError
+from ..errors import CheckpointError, NpvlmError
 from ..generation.sampling import sample
+from ..io.scan import check_finite
 from ..kv_cache import KVCache
 from ..models.paligemma import DecodeState, decode_step, image_attention, prefill
 
@@ -151,6 +152,8 @@ class Engine:
     def _guard(self, req, row, fn):
         try:
             fn(row, req)
+        except CheckpointError as e:  # the served model's own files are broken: the server's fault, not the request's
+            self._finish(row, req, None, error=str(e), status=500)
         except NpvlmError as e:
             self._finish(row, req, None, error=str(e), status=400)
         except Exception as e:
@@ -165,6 +168,7 @@ class Engine:
         own = KVCache(self.cache.k[0], t.num_hidden_layers, 1, t.num_key_value_heads, T, t.head_dim)
         probs = [] if req.attention else None
         logits, _ = prefill(m.params, req.batch, feats, own, cfg=cfg, probs_out=probs)  # [1, V]
+        check_finite(logits, m.not_finite("the first step's logits"))  # NaN / Inf weights: a 500 naming the tensor
         amap = None if probs is None else self.backend.to_host(image_attention(probs, req.batch.image_slot,
                                                                                feats.shape[1]))[0]  # [L, N]
         tok = int(self.backend.to_host(self._pick(logits, [req]))[0])

@@ -1,0 +1,318 @@
+"""Hostile input, round two, the last class (issue 17): weights that are not numbers.
+
+A checkpoint holding NaN / Inf used to generate token 0 for ever without a word. Now the first step's
+logits (SigLIP: the embeddings and logits) are checked once, and only when they are not finite are the
+loaded weights scanned to name the tensor at fault; `npvlm info --check` scans a folder's files for NaN,
+Inf and |w| above a bound. Checkpoints: the embedded shapes model (BF16), the same as F32, and the same
+through `npvlm quantize --weights int8`, each with values planted in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import struct
+import time
+
+import numpy as np
+import pytest
+
+import npvlm
+from npvlm.api import EMBEDDED_MODEL
+from npvlm.errors import CheckpointError
+from npvlm.io.safetensors_file import read_safetensors, read_safetensors_header
+from npvlm.siglip_api import EMBEDDED_SIGLIP
+from test_hostile2 import FAST, _sparse_big_vocab, cli
+
+UP = "language_model.model.layers.0.mlp.up_proj.weight"
+Q_VISION = "vision_tower.vision_model.encoder.layers.1.self_attn.q_proj.weight"
+DOWN = "language_model.model.layers.3.mlp.down_proj.weight"
+EMBED = "language_model.model.embed_tokens.weight"
+BIAS = "multi_modal_projector.linear.bias"
+STEP_ONE = 10.0  # seconds for a refused generate in-process: one prefill + a scan of 3 M weights is ~0.1 s
+
+
+def plant(model_dir, name, values, at=(8, 100, 555)):
+    """Write `values` into tensor `name` of the folder's model.safetensors, at flat element indices `at`, in its dtype."""
+    path = os.path.join(model_dir, "model.safetensors")
+    t = read_safetensors_header(path)[name]
+    size = {"F32": 4, "BF16": 2}[t.dtype]
+    with open(path, "r+b") as f:
+        for i, v in zip(at, values):
+            f.seek(t.start + i * size)
+            f.write(struct.pack("<f", v)[4 - size:])  # BF16: the top half of the float32 (exact for these values)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Clean checkpoints: {"bf16", "f32", "int8"}: folders to copy."""
+    from safetensors.numpy import save_file
+
+    from npvlm.apps.quantize import quantize
+
+    root = tmp_path_factory.mktemp("bases")
+    out = {"bf16": str(root / "bf16"), "f32": str(root / "f32"), "int8": str(root / "int8")}
+    shutil.copytree(EMBEDDED_MODEL, out["bf16"])
+    shutil.copytree(EMBEDDED_MODEL, out["f32"])
+    wide = read_safetensors(os.path.join(EMBEDDED_MODEL, "model.safetensors"))  # BF16 widened: exact
+    save_file({k: np.ascontiguousarray(v) for k, v in wide.items()}, os.path.join(out["f32"], "model.safetensors"),
+              metadata={"format": "pt"})
+    quantize(EMBEDDED_MODEL, out["int8"], "int8")
+    return out
+
+
+@pytest.fixture()
+def copy(bases, tmp_path):
+    def make(kind):
+        d = str(tmp_path / kind)
+        shutil.copytree(bases[kind], d)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    from npvlm.demo.scenes import make_scene
+
+    p = str(tmp_path_factory.mktemp("img") / "scene.png")
+    make_scene(3).image.save(p)
+    return p
+
+
+def error_line(err: str, *words) -> str:
+    """The one `npvlm: error:` line of stderr, holding every word; numpy's own floating-point warnings (an Inf
+    weight times 0 in a matmul) may come before it, nothing else; never a traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("npvlm: error: ")]
+    others = [line for line in lines if line not in errors and not (line.startswith("npvlm: warning: ")
+                                                                    and "encountered in" in line)]
+    assert len(errors) == 1 and not others, err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+# ------------------------------------------------------------------ 1. generation stops at its first step
+CASES = {  # name: (checkpoint, --weights, tensor, values planted, words the message holds)
+    "f32 NaN in an MLP": ("f32", "float32", UP, [float("nan")] * 3, "holds 3 NaN / 0 Inf values"),
+    "bf16 resident Inf in the vision tower": ("bf16", "bfloat16", Q_VISION, [float("inf"), float("-inf")],
+                                              "holds 0 NaN / 2 Inf values"),
+    "int8 at load, NaN": ("bf16", "int8", DOWN, [float("nan")], "holds 1 NaN / 0 Inf values"),
+    "f32 widened bf16, embedding row": ("bf16", "float32", EMBED, [float("nan"), float("inf")], "holds 1 NaN / 1 Inf"),
+    "f32 NaN in the projector bias": ("f32", "float32", BIAS, [float("nan")], "holds 1 NaN / 0 Inf values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_names_the_non_finite_tensor(copy, image_path, case):
+    kind, weights, name, values, words = CASES[case]
+    d = copy(kind)
+    path = plant(d, name, values)
+    rc, out, err, rss, secs = cli("generate", "--model", d, "--weights", weights, "--image", image_path, "-n", "200")
+    assert rc == 2, err
+    error_line(err, f"{path}: tensor '{name}'", words, "the checkpoint is corrupt")
+    assert out.strip() == b"" and secs < FAST, (out, secs)  # no token-0 text; 200 steps were never run
+
+
+@pytest.mark.parametrize("kind,weights", [("f32", "float32"), ("bf16", "bfloat16"), ("int8", "int8"), ("int8", "float32")])
+def test_detection_fires_at_step_one(copy, image_path, monkeypatch, kind, weights):
+    from npvlm.generation import generate as gen
+
+    d = copy(kind)
+    name = DOWN + "_scale" if kind == "int8" else DOWN  # int8 values are finite: a NaN can only be in a scale
+    plant(d, name, [float("nan")], at=(7,))
+    model = npvlm.load(d, weights=weights)
+    steps = []
+    real = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        model.generate(image_path, "caption en", max_new_tokens=100)
+    assert steps == [] and time.perf_counter() - t0 < STEP_ONE  # refused after the prefill, before any decode step
+    # the file's own count: one NaN scale, though widening repeats it along a 640-wide row
+    assert f"tensor '{name}' holds 1 NaN / 0 Inf values: the checkpoint is corrupt" in str(e.value), e.value
+    with pytest.raises(CheckpointError, match="holds 1 NaN"):  # asked again: the same answer (kept, not rescanned)
+        list(model.stream(image_path, "caption en", max_new_tokens=5))
+
+
+def test_several_tensors_are_counted(copy):
+    d = copy("f32")
+    for name in (UP, DOWN, BIAS, EMBED, Q_VISION):
+        plant(d, name, [float("inf")])
+    with pytest.raises(CheckpointError) as e:
+        npvlm.load(d).generate(np.zeros((20, 20, 3), np.uint8), "caption en", max_new_tokens=3)
+    msg = str(e.value)
+    # tree order: vision tower, projector, language model
+    assert f"tensor '{Q_VISION}' holds 0 NaN / 1 Inf values (and 4 more: '{BIAS}', '{EMBED}', " in msg and "...)" in msg
+
+
+def test_finite_weights_that_overflow_say_so(copy, image_path):
+    d = copy("f32")
+    plant(d, "language_model.model.norm.weight", [3e38] * 160, at=range(160))  # (1 + w) * x overflows float32
+    rc, out, err, rss, secs = cli("generate", "--model", d, "--image", image_path, "-n", "50")
+    assert rc == 2, err
+    line = error_line(err, d, "the first step's logits hold", "Inf values of 1600 though every weight is finite",
+                      "npvlm info --check")
+    assert "holds" not in line  # no tensor is named: none is NaN / Inf
+    rc, out, err, rss, secs = cli("info", "--check", "--model", d)  # ...and --check points at the norm
+    assert rc == 1 and "tensor 'language_model.model.norm.weight' (F32 [160]): 0 NaN, 0 Inf, 160 with |w| > 10000" \
+        in out.decode(), (out, err)
+
+
+def test_siglip_classify_and_embed_name_the_tensor(tmp_path, image_path):
+    d = str(tmp_path / "sig")
+    shutil.copytree(EMBEDDED_SIGLIP, d)
+    vis, txt = "vision_model.encoder.layers.1.mlp.fc1.weight", "text_model.encoder.layers.0.self_attn.k_proj.weight"
+    path = plant(d, vis, [float("inf")])
+    rc, out, err, rss, secs = cli("classify", "--model", d, "--image", image_path, "--labels", "circle", "square")
+    assert rc == 2 and out.strip() == b"", err
+    error_line(err, f"{path}: tensor '{vis}' holds 0 NaN / 1 Inf values: the checkpoint is corrupt")
+    model = npvlm.load(d)
+    assert np.all(np.isfinite(model.embed_texts(["a red circle"])))  # the text tower is intact
+    plant(d, txt, [float("nan")] * 2)
+    rc, out, err, rss, secs = cli("embed", "--model", d, "--text", "a cat", "--out", str(tmp_path / "t.npy"))
+    assert rc == 2 and not os.path.exists(tmp_path / "t.npy"), err
+    error_line(err, f"tensor '{vis}' holds 0 NaN / 1 Inf values (and 1 more: '{txt}')")  # every one, in tree order
+
+
+def test_siglip_logit_scale_that_overflows(tmp_path, image_path):
+    d = str(tmp_path / "sig")
+    shutil.copytree(EMBEDDED_SIGLIP, d)
+    plant(d, "logit_scale", [1000.0], at=(0,))  # exp(1000) overflows; 1000 is below --check's bound
+    with pytest.raises(CheckpointError, match=r"the logits hold \d+ NaN / \d+ Inf values of 2 though every weight"):
+        npvlm.load(d).classify(image_path, ["circle", "square"])
+
+
+def test_server_answers_500_naming_the_tensor(copy, image_path):
+    from starlette.testclient import TestClient
+
+    from npvlm.serve.app import make_app
+    from npvlm.serve.engine import Engine
+
+    pytest.importorskip("starlette", reason="npvlm serve needs the serve extra (starlette, uvicorn)")
+    d = copy("bf16")
+    path = plant(d, UP, [float("nan")] * 3)
+    model = npvlm.load(d)
+    url = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
+    with TestClient(make_app(model, Engine(model, max_batch=2))) as client:
+        for stream in (False, True):
+            t0 = time.perf_counter()
+            body = {"model": "npvlm", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "caption en"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 500 and time.perf_counter() - t0 < FAST, r.text  # not 100 token-0 steps
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and err["message"] == \
+                f"{path}: tensor '{UP}' holds 3 NaN / 0 Inf values: the checkpoint is corrupt", err
+        assert client.get("/health").json()["status"] == "ok"  # and it keeps serving
+
+
+# ------------------------------------------------------------------ 2. npvlm info --check
+@pytest.mark.parametrize("kind", ["f32", "bf16"])
+def test_check_finds_planted_nan_inf_and_huge(copy, kind):
+    d = copy(kind)
+    clean = cli("info", "--check", "--model", d)
+    assert clean[0] == 0 and "no NaN, no Inf, nothing above the bound" in clean[1].decode(), clean
+    plant(d, UP, [float("nan")] * 2)
+    plant(d, Q_VISION, [float("-inf")])
+    plant(d, EMBED, [1e30, -2e5, 9000.0])  # 9000 is within the 1e4 bound
+    rc, out, err, rss, secs = cli("info", "--check", "--model", d)
+    assert rc == 1 and "Traceback" not in err, err
+    dtype, path = kind.upper(), os.path.join(d, "model.safetensors")
+    as_stored = (lambda v: struct.unpack("<f", b"\0\0" + struct.pack("<f", v)[2:])[0]) if kind == "bf16" else np.float32
+    lines = out.decode().splitlines()
+    problems = [line for line in lines if line.startswith(f"{path}: tensor ")]
+    want = [f"'{UP}' ({dtype} [640, 160]): 2 NaN, 0 Inf, 0 with |w| > 10000",
+            f"'{Q_VISION}' ({dtype} [128, 128]): 0 NaN, 1 Inf, 0 with |w| > 10000",
+            f"'{EMBED}' ({dtype} [1600, 160]): 0 NaN, 0 Inf, 2 with |w| > 10000 (largest finite |w| {as_stored(1e30):.3g})"]
+    assert len(problems) == 3 and all(sum(w in line for line in problems) == 1 for w in want), (want, lines)
+    assert ("3 tensors with problems (2 NaN, 1 Inf, 2 above the bound); largest finite |w| "
+            f"{as_stored(1e30):.3g} in '{EMBED}'") in lines[-1], lines
+    rc, out, err, rss, secs = cli("info", "--check", "--json", "--model", d)
+    check = json.loads(out)["check"]
+    assert rc == 1 and check["tensors"] == 109 and check["max_abs"] == 1e4
+    got = {p["tensor"]: (p["nan"], p["inf"], p["above"]) for p in check["problems"]}
+    assert got == {UP: (2, 0, 0), Q_VISION: (0, 1, 0), EMBED: (0, 0, 2)}, got
+
+
+def test_check_int8_scales_and_the_bound_option(copy):
+    d = copy("int8")
+    assert cli("info", "--check", "--model", d)[0] == 0
+    plant(d, DOWN + "_scale", [100.0], at=(3,))  # |w| up to 127 * 100 = 12700 > 1e4
+    rc, out, err, rss, secs = cli("info", "--check", "--model", d)
+    assert rc == 1 and f"tensor '{DOWN}_scale' (F32 [160]) (the scale of an int8 weight: |w| = 127 x scale): 0 NaN, " \
+        f"0 Inf, 1 with |w| > 10000 (largest finite |w| 1.27e+04)" in out.decode(), out
+    rc, out, err, rss, secs = cli("info", "--check", "--max-abs", "2e4", "--model", d)
+    assert rc == 0, out
+    for bad in ("0", "nan", "-1"):
+        rc, out, err, rss, secs = cli("info", "--check", "--max-abs", bad)
+        assert rc == 2 and "npvlm: error: --max-abs must be a finite number > 0" in err, err
+
+
+def test_info_and_check_on_a_siglip_folder(tmp_path):
+    rc, out, err, rss, secs = cli("info", "--model", EMBEDDED_SIGLIP, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["model_type"] == "siglip" and info["vision"]["patches"] == 64 and info["embed_dim"] == 64
+    weights = read_safetensors(os.path.join(EMBEDDED_SIGLIP, "model.safetensors"))
+    assert info["parameters"]["total"] == sum(w.size for w in weights.values())  # every tensor counted
+    d = str(tmp_path / "sig")
+    shutil.copytree(EMBEDDED_SIGLIP, d)
+    plant(d, "text_model.head.weight", [float("nan")])
+    rc, out, err, rss, secs = cli("info", "--check", "--model", d)
+    text = out.decode()
+    assert rc == 1 and "SigLIP text: 2 layers" in text and "tensor 'text_model.head.weight' (F32 [64, 64]): 1 NaN" in text
+
+
+def test_check_streams_a_large_folder(tmp_path):
+    d = str(tmp_path / "big")
+    shutil.copytree(EMBEDDED_MODEL, d)
+    path = _sparse_big_vocab(d, 2 << 20)  # 2 Mi rows x 160 BF16 = 640 MiB (a hole in a sparse file), 1.25 GiB as float32
+    t = read_safetensors_header(path)[EMBED]
+    with open(path, "r+b") as f:
+        f.seek(t.end - 2)
+        f.write(struct.pack("<f", float("nan"))[2:])  # the very last value
+    rc, out, err, rss, secs = cli("info", "--check", "--model", d, timeout=120)
+    assert rc == 1 and f"tensor '{EMBED}' (BF16 [2097152, 160]): 1 NaN, 0 Inf" in out.decode(), (out, err)
+    assert rss < 300 << 20, rss  # a block at a time, pages given back (~100 MB): not the 640 MiB file, nor 1.25 GiB widened
+    lines = err.splitlines()  # off a terminal: plain lines, one a quarter, no carriage returns
+    assert "\r" not in err and 1 <= len(lines) <= 5 and all(line.startswith("checking ") for line in lines), err
+
+
+def test_tensor_stats_agree_with_numpy(tmp_path):
+    from safetensors.numpy import save_file
+
+    from npvlm.io.safetensors_file import _map_file
+    from npvlm.io.scan import tensor_stats
+
+    rng = np.random.default_rng(0)
+    specials = np.array([np.nan, np.inf, -np.inf, 1e4, -1e4, 10000.001, 9999.999, 6e4, 0.0, -0.0, 1e-30], np.float32)
+    for dtype in ("F32", "F16", "BF16"):
+        x = (rng.standard_normal(5000) * rng.choice([1e-3, 1, 1e3, 1e5], 5000)).astype(np.float32)
+        x[rng.choice(5000, 200, replace=False)] = rng.choice(specials, 200)
+        if dtype == "BF16":
+            x = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # bfloat16 values, exactly
+            arrays = {"w": (x.view(np.uint32) >> 16).astype(np.uint16)}  # stored as its bits (U16 retagged below)
+        else:
+            with np.errstate(over="ignore"):  # |x| > 65504 becomes Inf in float16, as intended
+                x = x.astype(np.float16).astype(np.float32) if dtype == "F16" else x
+            arrays = {"w": x.astype(np.float16) if dtype == "F16" else x}
+        path = str(tmp_path / f"{dtype}.safetensors")
+        save_file(arrays, path)
+        if dtype == "BF16":
+            raw = open(path, "rb").read().replace(b'"U16"', b'"BF16"', 1)
+            n = struct.unpack("<Q", raw[:8])[0]
+            raw = struct.pack("<Q", n + 1) + raw[8:]  # the header one byte longer ("BF16" for "U16"), data as it was
+            open(path, "wb").write(raw)
+        mm, infos = _map_file(path)
+        for bound in (1e4, 1.0, 0.5, 65504.0, 1e38):
+            st = tensor_stats(mm, infos["w"], bound)
+            fin = np.abs(x[np.isfinite(x)])
+            want = {"nan": int(np.isnan(x).sum()), "inf": int(np.isinf(x).sum()), "above": int((fin > bound).sum()),
+                    "max_abs": float(fin.max())}
+            assert st == want, (dtype, bound, st, want)  # exact: counts, and the largest value as stored
+        mm.close()

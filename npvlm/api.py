@@ -122,7 +122,7 @@ def _generation_eos(model_dir, vocab_size: int) -> frozenset:
     for i in ids:
         if bad_number(i, True) or not 0 <= i < vocab_size:
             raise ConfigError(f"{path}: eos_token_id must be token ids in [0, {vocab_size}), got {eos!r}"[:200])
-    return frozenset(ids)
+    return frozenset(int(i) for i in ids)  # 1.0 is a whole number, and is token 1
 
 
 class PaliGemmaModel:

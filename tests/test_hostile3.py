@@ -316,3 +316,47 @@ def test_tensor_stats_agree_with_numpy(tmp_path):
                     "max_abs": float(fin.max())}
             assert st == want, (dtype, bound, st, want)  # exact: counts, and the largest value as stored
         mm.close()
+
+
+# ------------------------------------------------------------------ 3. what the side-file fuzzers found (test_fuzz_model_files.py)
+def _edit(model_dir, name, change):
+    path = os.path.join(model_dir, name)
+    d = json.load(open(path))
+    change(d)
+    json.dump(d, open(path, "w"))
+    return path
+
+
+@pytest.mark.parametrize("key,value,shown", [("rescale_factor", 1e300, "rescale_factor 1e+300 take pixel values to -1..5.1e+302"),
+                                             ("image_std", [1e-30] * 3, "image_std [1e-30, 1e-30, 1e-30]"),
+                                             ("image_mean", 2**64, "image_mean [1.845e+19, 1.845e+19, 1.845e+19]")])
+def test_image_settings_that_overflow_are_refused(copy, image_path, key, value, shown):
+    d = copy("bf16")
+    path = _edit(d, "processor_config.json", lambda c: c["image_processor"].__setitem__(key, value))
+    rc, out, err, rss, secs = cli("generate", "--model", d, "--image", image_path)
+    assert rc == 2, err  # before: accepted, pixels of Inf, and (now) a "weights overflow" error at the first step
+    error_line(err, f"{path} (image_processor): ", shown, "beyond +-10000")
+    assert "warning" not in err  # the float32 cast of 1e300 is refused, not warned about
+
+
+def test_long_values_in_side_files_are_cut_short(copy):
+    d = copy("bf16")
+    path = _edit(d, "processor_config.json", lambda c: c["image_processor"].__setitem__("image_std", [0.5] * 100_000))
+    with pytest.raises(npvlm.ConfigError) as e:
+        npvlm.load(d)
+    assert str(e.value).startswith(f"{path} (image_processor): image_std must be a float or 3 floats, got [0.5, ")
+    assert len(str(e.value)) < 300  # was the whole 100 000-entry list, 500 kB on one line
+
+
+def test_an_empty_added_token_matches_nothing(copy):
+    d = copy("bf16")
+    base = npvlm.load(d).tokenizer.encode("caption en")
+    _edit(d, "tokenizer_config.json", lambda c: c.__setitem__("added_tokens_decoder", {"7": {"content": "", "special": True}}))
+    assert npvlm.load(d).tokenizer.encode("caption en") == base  # was id 7 between every character, as HF does not
+
+
+def test_whole_float_eos_ids_are_token_ids(copy):
+    d = copy("bf16")
+    json.dump({"eos_token_id": [1.0, 107.0]}, open(os.path.join(d, "generation_config.json"), "w"))
+    stops = npvlm.load(d).stop_ids
+    assert {1, 107} <= stops and all(type(i) is int for i in stops), stops  # was {1.0, 107.0}

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, show
 from .files import check_regular, read_json_object
 
 # Pillow plugin names. JPEG includes camera MPO files (the JPEG opener returns them); PPM covers PBM/PGM/PNM.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, HF's `resample` for SigLIP
+MAX_PIXEL = 1e4  # |pixel value| a model folder's image settings may produce (HF's SigLIP: [-1, 1]; CLIP's: [-1.8, 2.2])
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -107,7 +108,7 @@ class ImageProcessorConfig:
             if isinstance(size, int):
                 size = {"height": size, "width": size}
             if not isinstance(size, dict) or "height" not in size or "width" not in size:
-                raise ConfigError(f"{path}: size must be {{'height': S, 'width': S}} (aspect-preserving resizes are not supported), got {size!r}")
+                raise ConfigError(f"{path}: size must be {{'height': S, 'width': S}} (aspect-preserving resizes are not supported), got {show(size)}")
             hw = (int(size["height"]), int(size["width"]))
             if hw != (default_size, default_size):
                 raise ConfigError(f"{path}: size {hw[0]}x{hw[1]} does not match the model's image_size {default_size}")
@@ -125,6 +126,11 @@ class ImageProcessorConfig:
             raise ConfigError(f"{path}: image_mean, image_std and rescale_factor must be finite, got {list(mean)}, {list(std)}, {rescale}")
         if any(s == 0 for s in std):
             raise ConfigError(f"{path}: image_std must be non-zero, got {list(std)}")
+        ends = [v * rescale for v in (0.0, 255.0)] + [(v * rescale - m) / s for v in (0.0, 255.0) for m, s in zip(mean, std)]
+        if not all(abs(x) <= MAX_PIXEL for x in ends):  # HF would feed the model Inf (or values no tower was trained on)
+            g = lambda xs: "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"  # noqa: E731
+            raise ConfigError(f"{path}: image_mean {g(mean)}, image_std {g(std)} and rescale_factor {rescale:.4g} take "
+                              f"pixel values to {min(ends):.3g}..{max(ends):.3g}, beyond +-{MAX_PIXEL:g}")
         if resample not in (0, 1, 2, 3, 4, 5):
             raise ConfigError(f"{path}: resample must be a PIL filter 0-5, got {resample}")
         return cls(size=default_size, mean=mean, std=std, rescale_factor=rescale, resample=resample)
@@ -153,16 +159,17 @@ def _settings_file(model_dir: str):
 def _size_hw(size) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size) if isinstance(size, (tuple, list)) else None
     if hw is None or len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 < v <= 16384 for v in hw):
-        raise ImageError(f"size must be a positive int or (height, width) up to 16384, got {size!r}")
+        raise ImageError(f"size must be a positive int or (height, width) up to 16384, got {show(size)}")
     return int(hw[0]), int(hw[1])
 
 
 def _per_channel(v, what) -> np.ndarray:
-    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # 1e300 becomes inf here, and is refused as not finite
+        a = np.asarray(v, dtype=np.float32).reshape(-1)
     if a.size == 1:
         a = np.repeat(a, 3)
     if a.size != 3:
-        raise ImageError(f"{what} must be a float or 3 floats, got {v!r}")
+        raise ImageError(f"{what} must be a float or 3 floats, got {show(v)}")
     return a
 
 

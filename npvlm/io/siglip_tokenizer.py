@@ -20,7 +20,7 @@ import os
 import re
 import string
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, show
 from .files import read_json_object
 from .tokenizer import _read_file, as_text
 from .spm_proto import modelproto_problem
@@ -47,7 +47,7 @@ class SiglipTokenizer:
         for name, tok in (("eos_token", eos_token), ("pad_token", pad_token), ("unk_token", unk_token)):
             i = sp.piece_to_id(tok)
             if not (0 <= i < self.vocab_size and sp.id_to_piece(i) == tok):
-                raise TokenizerError(f"{path}: {name} {tok!r} is not a piece of the SentencePiece model")
+                raise TokenizerError(f"{path}: {name} {show(tok)} is not a piece of the SentencePiece model")
             ids[name] = i
         self.eos_id, self.pad_id, self.unk_id = ids["eos_token"], ids["pad_token"], ids["unk_token"]
         self.unk_token = unk_token

@@ -67,7 +67,8 @@ class Tokenizer:
         self._special = frozenset(special)
         # what encode matches in the raw text before the model sees it (HF's added-token split)
         # (a tokenizer.json's own added tokens are matched by the library, with their own flags)
-        split = {t: i for t, i in self._added_ids.items() if backend.split_added or backend.piece_id(t) is None}
+        # (an empty one is matched nowhere, as HF ignores it: an empty alternative would split every character)
+        split = {t: i for t, i in self._added_ids.items() if t and (backend.split_added or backend.piece_id(t) is None)}
         split.update(backend.split_tokens)
         self._split_ids = split
         alts = sorted(split, key=len, reverse=True)  # longest first = leftmost-longest match

@@ -8,8 +8,8 @@ parameters and config.json. Each property is "a valid result, or the domain's ow
 Deterministic for CI: hypothesis derandomized, no example database: the same examples on every run of
 the same selection of tests (hypothesis also mixes in literals from the test modules it finds loaded, so
 running this file alone draws other examples than the whole suite does; both are fixed).
-FUZZ_EXAMPLES is the number of examples each test draws (the README quotes it); every test prints
-"tried / accepted / refused" through pytest's terminal reporter.
+FUZZ_EXAMPLES is the number of examples each test draws (the README quotes it; NPVLM_FUZZ_SCALE=k draws k times
+as many, for longer runs outside CI); every test prints "tried / accepted / refused" through pytest's terminal reporter.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import copy
 import io
 import math
 import numbers
+import os
 from collections import Counter
 
 import numpy as np
@@ -37,8 +38,13 @@ FUZZ_EXAMPLES = {"images": 300, "generation_parameters": 300, "config": 300,
                  "siglip_tokenizer_config": 100, "special_tokens_map": 100}
 
 
+def examples(name) -> int:
+    """FUZZ_EXAMPLES[name], times NPVLM_FUZZ_SCALE (default 1) for longer runs outside CI."""
+    return FUZZ_EXAMPLES[name] * int(os.environ.get("NPVLM_FUZZ_SCALE", "1"))
+
+
 def fuzz_settings(name):
-    return settings(max_examples=FUZZ_EXAMPLES[name], deadline=None, derandomize=True, database=None,
+    return settings(max_examples=examples(name), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
@@ -53,7 +59,7 @@ def report(request, name, counts: Counter, both_ways: bool = True):
         with capture.global_and_fixture_disabled():
             tr.ensure_newline()
             tr.write_line(line)
-    assert tried >= FUZZ_EXAMPLES[name] * 0.9, line
+    assert tried >= examples(name) * 0.9, line
     assert counts["accepted"] > 0 and (counts["refused"] > 0 or not both_ways), line  # only refusing tests little
 
 

@@ -283,11 +283,32 @@ def test_check_streams_a_large_folder(tmp_path):
     assert "\r" not in err and 1 <= len(lines) <= 5 and all(line.startswith("checking ") for line in lines), err
 
 
-def test_tensor_stats_agree_with_numpy(tmp_path):
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
+def test_loaded_weights_are_counted_on_any_namespace(monkeypatch, namespace):
+    from npvlm.backends.packing import to_bf16_bits, widen_bf16
+    from npvlm.io import scan
+    from npvlm.packed import Bf16Weight, Int8Weight
+
+    xp = pytest.importorskip(namespace)
+    monkeypatch.setattr(scan, "BLOCK", 700)  # several blocks of rows, a short last one
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((37, 50)).astype(np.float32)
+    w.flat[rng.choice(w.size, 40, replace=False)] = rng.choice([np.nan, np.inf, -np.inf], 40)
+    nan, inf = int(np.isnan(w).sum()), int(np.isinf(w).sum())
+    bits = to_bf16_bits(w)  # NaN -> 0xFFFF, +-Inf kept
+    scale = np.where(np.arange(37) % 5 == 0, np.nan, 0.01).astype(np.float32)
+    leaves = {"f32": xp.asarray(w), "bits": xp.asarray(bits), "bf16": Bf16Weight(xp.asarray(bits), widen_bf16),
+              "int8": Int8Weight(xp.asarray(np.zeros((37, 50), np.int8)), xp.asarray(scale)), "vec": xp.asarray(w[0])}
+    got = {k: scan.nonfinite_counts(v) for k, v in leaves.items()}
+    assert got == {"f32": (nan, inf), "bits": (nan, inf), "bf16": (nan, inf), "int8": (8, 0),  # exact counts
+                   "vec": (int(np.isnan(w[0]).sum()), int(np.isinf(w[0]).sum()))}, got
+
+
+def test_tensor_stats_agree_with_numpy(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
+    from npvlm.io import scan
     from npvlm.io.safetensors_file import _map_file
-    from npvlm.io.scan import tensor_stats
 
     rng = np.random.default_rng(0)
     specials = np.array([np.nan, np.inf, -np.inf, 1e4, -1e4, 10000.001, 9999.999, 6e4, 0.0, -0.0, 1e-30], np.float32)
@@ -309,8 +330,9 @@ def test_tensor_stats_agree_with_numpy(tmp_path):
             raw = struct.pack("<Q", n + 1) + raw[8:]  # the header one byte longer ("BF16" for "U16"), data as it was
             open(path, "wb").write(raw)
         mm, infos = _map_file(path)
-        for bound in (1e4, 1.0, 0.5, 65504.0, 1e38):
-            st = tensor_stats(mm, infos["w"], bound)
+        for bound, block in ((1e4, 1 << 22), (1.0, 333), (0.5, 1 << 22), (65504.0, 4999), (1e38, 1)):
+            monkeypatch.setattr(scan, "BLOCK", block)  # one block, many, a last one of 1 value
+            st = scan.tensor_stats(mm, infos["w"], bound)
             fin = np.abs(x[np.isfinite(x)])
             want = {"nan": int(np.isnan(x).sum()), "inf": int(np.isinf(x).sum()), "above": int((fin > bound).sum()),
                     "max_abs": float(fin.max())}

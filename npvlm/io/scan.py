@@ -58,7 +58,7 @@ def nonfinite_counts(w) -> tuple[int, int]:
     step = max(1, BLOCK // max(1, x.size // x.shape[0]))
     nan = inf = 0
     for a in range(0, x.shape[0], step):
-        blk = x[a:a + step, ...]
+        blk = x[a:min(a + step, x.shape[0]), ...]  # in bounds: the array API does not clip a slice
         if raw_bf16:  # exponent all ones: infinity (mantissa 0) or NaN
             top = (blk & 0x7F80) == 0x7F80
             mant = (blk & 0x007F) != 0

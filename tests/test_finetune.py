@@ -167,3 +167,167 @@ def test_weights_after_n_steps_equal_torch_on_hf(ckpt, data, tmp_path, optimizer
     assert all(p["examples_per_second"] > 0 and p["elapsed_seconds"] > 0 for p in curve)
     for p, want in zip(curve, losses):  # the loss of each step's batch, before its update: 1e-4 relative
         assert abs(p["loss"] - want) <= TOL * abs(want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder written, the adapter, the data checks, Ctrl-C, float32, the array-API shim
+
+
+def test_out_dir_is_a_model_folder_hf_and_npvlm_load_with_the_same_logits(ckpt, data, tmp_path):
+    from hf_ref import hf_logits
+    from safetensors import safe_open
+    from transformers import PaliGemmaForConditionalGeneration
+
+    out = finetune(ckpt, data, tmp_path / "out", optimizer="adamw", trainable="all")
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"  # trained in float32, saved so
+    side = sorted(f for f in os.listdir(ckpt) if not f.endswith(".safetensors") and f != "config.json")
+    assert side and set(side) <= set(os.listdir(out))  # tokenizer and processor files copied
+    names = lambda d: sorted(safe_open(os.path.join(d, "model.safetensors"), "np").keys())  # noqa: E731
+    assert names(out) == names(ckpt)  # the input's naming scheme (as HF 5.24's save_pretrained keeps it)
+    _, info = PaliGemmaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    ours = npvlm.load(out).logits(image(9), "caption en", "a red circle")
+    ref = hf_logits(out, image(9), "caption en", "a red circle")
+    assert np.abs(ours - ref).max() <= TOL  # as tests/test_model_hf.py: 1e-4 absolute on logits of scale ~3-10
+    assert np.abs(ours - npvlm.load(ckpt).logits(image(9), "caption en", "a red circle")).max() > 1e-2  # it learnt
+
+
+def test_save_adapter_writes_peft_layout_equal_to_the_merged_run(ckpt, data, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = finetune(ckpt, data, tmp_path / "adapter", "--save-adapter", optimizer="adamw", trainable="lora")
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", RANK, ALPHA)
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    ab = load_file(os.path.join(out, "adapter_model.safetensors"))
+    layers = json.load(open(os.path.join(ckpt, "config.json")))["text_config"]["num_hidden_layers"]
+    mods = [f"model.language_model.layers.{j}.{t}" for j in range(layers) for t in TARGETS]
+    assert sorted(ab) == sorted(f"base_model.model.{m}.lora_{x}.weight" for m in mods for x in "AB")  # PEFT's keys
+    ref, start, _ = torch_run(ckpt, data, "adamw", "lora")
+    import re
+    for m in mods:
+        assert re.fullmatch(cfg["target_modules"], m)  # PEFT would find exactly these modules
+        hub = canonical_name(m + ".weight")
+        merged = start[hub] + (ALPHA / RANK) * (ab[f"base_model.model.{m}.lora_B.weight"] @
+                                               ab[f"base_model.model.{m}.lora_A.weight"])
+        assert np.abs(merged - ref[hub]).max() <= TOL * np.abs(ref[hub]).max(), m  # as the merged weights
+    assert not re.fullmatch(cfg["target_modules"], "model.vision_tower.encoder.layers.0.self_attn.q_proj")
+
+
+BAD_ROWS = {
+    "bad JSON": ('{"image": "imgs/0.png", "prefix": "caption en"', r":2: bad JSON"),
+    "missing key": ('{"image": "imgs/0.png", "prefix": "caption en"}', r":2: missing key 'suffix'"),
+    "not a string": ('{"image": "imgs/0.png", "prefix": 3, "suffix": "x"}', r":2: 'prefix' must be a string, got 3"),
+    "image missing": ('{"image": "imgs/nope.png", "prefix": "p", "suffix": "x"}', r":2: 'image': image .*nope.png does not exist"),
+    "not an object": ('["imgs/0.png", "p", "x"]', r":2: a row must be a JSON object"),
+    "not an image": ('{"image": "train.jsonl", "prefix": "p", "suffix": "x"}', r":2: 'image': .*train.jsonl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_row_is_one_line_exit_2_before_any_training(ckpt, data, tmp_path, capsys, case):
+    import re
+    import shutil
+
+    line, message = BAD_ROWS[case]
+    shutil.copytree(os.path.dirname(data), tmp_path / "d")
+    bad = tmp_path / "d" / "train.jsonl"
+    rows = open(bad).read().splitlines()
+    bad.write_text("\n".join([rows[0], line, rows[1]]) + "\n")
+    capsys.readouterr()
+    code = main(["finetune", "--model", ckpt, "--data", str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("npvlm: error: "), err
+    assert re.search(re.escape(str(bad)) + message, err), err  # names the file, the line and the field
+    assert "step 1" not in err and not os.path.exists(tmp_path / "out")
+
+
+def test_existing_non_empty_out_dir_is_refused_unless_overwrite(ckpt, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["finetune", "--model", ckpt, "--data", data, "--out", str(out), "--steps", "1"]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+    assert main(args + ["--overwrite"]) == 0
+    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_ctrl_c_while_saving_leaves_nothing_half_written(ckpt, data, tmp_path, monkeypatch, existing):
+    import safetensors.numpy
+
+    real = safetensors.numpy.save_file
+
+    def interrupted(tensors, path, metadata=None):
+        real(dict(list(tensors.items())[:3]), path, metadata=metadata)  # part of the weights are on disk...
+        raise KeyboardInterrupt  # ...when Ctrl-C arrives
+
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("the earlier run")
+    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
+    before = sorted(os.listdir(tmp_path))
+    args = ["finetune", "--model", ckpt, "--data", data, "--out", str(out), "--steps", "1", "--overwrite"]
+    assert main(args) == 130
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary folder left beside it
+    assert os.listdir(out) == ["old.txt"] if existing else not out.exists()  # the old folder as it was, or none
+
+
+def test_progress_goes_to_stderr_as_plain_lines_off_a_terminal(ckpt, data, tmp_path, capsys):
+    finetune(ckpt, data, tmp_path / "out")
+    io = capsys.readouterr()
+    assert "\r" not in io.err and io.err.count("loss") == STEPS and "examples/s" in io.err
+    assert io.out.startswith("wrote ")
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _arrays(v)]
+    if isinstance(tree, (list, tuple)):
+        return [a for v in tree for a in _arrays(v)]
+    if hasattr(tree, "__dataclass_fields__"):
+        return _arrays(vars(tree))
+    return [tree] if hasattr(tree, "dtype") else []
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_no_float64_anywhere_in_a_training_step(ckpt, data, trainable):
+    """The batch, every saved activation, the loss, every gradient, the trained arrays and AdamW's moments."""
+    from npvlm.io.checkpoint import unflatten
+    from npvlm.train.finetune import read_rows, rows_at
+    from npvlm.train.optim import adamw, select
+    from npvlm.train.paligemma_grad import loss_forward
+    from npvlm.train.paligemma_task import PaliGemmaTask
+
+    task = PaliGemmaTask.load(ckpt, "numpy")
+    rows = [r for _, r in read_rows(data, task.fields)]
+    sel, opt = select(trainable, task.params, rank=RANK), adamw(0.01)
+    trained = sel.init(task.params, SEED)
+    state = opt.init(trained)
+    seen = []
+    for step in range(2):
+        batch = task.batch(rows_at(rows, step, BATCH))
+        params = sel.model(task.params, trained)
+        _, saved = loss_forward(unflatten(params), batch, cfg=task.model.config)
+        loss, grads = task.loss_and_grads(params, batch, sel.needs)
+        trained, state = opt.step(trained, sel.grads(grads, trained), state)
+        seen += _arrays([batch, saved, loss, grads, params, trained, state])
+    floats = {str(a.dtype) for a in seen if np.dtype(a.dtype).kind == "f"}
+    assert floats == {"float32"}, floats
+    assert len(seen) > 100
+
+
+def test_array_api_strict_trains_to_the_same_weights(ckpt, data, tmp_path):
+    out = finetune(ckpt, data, tmp_path / "out", "--backend", "array_api_strict", optimizer="adamw", trainable="lora")
+    ours, (ref, _, _) = saved_weights(out), torch_run(ckpt, data, "adamw", "lora")
+    for k in ref:  # the same per-tensor tolerance as above
+        assert np.abs(ours[k] - ref[k]).max() <= TOL * np.abs(ref[k]).max(), k
+
+
+def test_a_model_type_with_no_training_task_is_one_line(data, tmp_path, capsys):
+    siglip = os.path.join(os.path.dirname(npvlm.__file__), "demo", "siglip_model")
+    assert main(["finetune", "--model", siglip, "--data", data, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_type 'siglip'" in err and "paligemma" in err, err

@@ -185,6 +185,9 @@ def write_folder(out_dir, write, *, overwrite: bool = False) -> str:
     old = None
     try:
         write(tmp)
+        mode = 0o666 & ~_umask()
+        for name in os.listdir(tmp):  # some writers (safetensors) make their files private: as any file instead
+            os.chmod(os.path.join(tmp, name), mode)
         if os.path.isdir(out) and os.listdir(out):
             if not overwrite:
                 raise ConfigError(f"{show_path(out_dir)}: --out was filled while training (pass --overwrite)")
@@ -203,6 +206,12 @@ def write_folder(out_dir, write, *, overwrite: bool = False) -> str:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path, obj) -> None:

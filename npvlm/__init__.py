@@ -14,22 +14,34 @@ from .errors import (BackendError, CheckpointError, ConfigError, GenerationError
                      TokenizerError)
 
 
-def _find_checkout_backends():
+class _CheckoutBackends:
     """backends/ sits at the top of the repository (the design card's layout) and installs as npvlm.backends.
-    From a plain checkout, where nothing is installed, register that folder under the same name."""
+    From a plain checkout, where nothing is installed, a finder maps that folder to the same name. It is only
+    looked up, not imported, here: `import npvlm` stays cheap (a few ms), which keeps the window in which a
+    Ctrl-C at start-up could still meet Python's default handler as short as it can be."""
+
+    def __init__(self, init_file: str):
+        self.init_file = init_file
+
+    def find_spec(self, name, path=None, target=None):
+        if name != __name__ + ".backends":
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_file_location(name, self.init_file,
+                                                      submodule_search_locations=[_os.path.dirname(self.init_file)])
+
+
+def _find_checkout_backends():
     here = _os.path.dirname(_os.path.abspath(__file__))
-    folder = _os.path.join(_os.path.dirname(here), "backends")
-    if _os.path.isdir(_os.path.join(here, "backends")) or not _os.path.isfile(_os.path.join(folder, "__init__.py")):
+    init_file = _os.path.join(_os.path.dirname(here), "backends", "__init__.py")
+    if _os.path.isdir(_os.path.join(here, "backends")) or not _os.path.isfile(init_file):
         return
     import importlib.util
 
     if importlib.util.find_spec(__name__ + ".backends") is not None:  # an install (editable or not) knows where it is
         return
-    spec = importlib.util.spec_from_file_location(__name__ + ".backends", _os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    _sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    _sys.meta_path.append(_CheckoutBackends(init_file))
 
 
 _find_checkout_backends()

@@ -276,16 +276,64 @@ def test_ctrl_c_with_json_writes_what_was_generated(long_run):
     assert res["stats"]["new_tokens"] == len(res["token_ids"])
 
 
-@pytest.mark.parametrize("delay", [0.4, 0.8, 1.5])
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.4, 0.8, 1.5])
 def test_ctrl_c_at_once_is_a_clean_exit_130(long_run, delay):
-    """While the modules load, the model loads, the prompt is prepared: 130, never a traceback. (Not
-    covered: the first ~0.2 s, while runpy imports the npvlm package itself, before any npvlm code can catch it.)"""
+    """While the modules load, the model loads, the prompt is prepared: 130, never a traceback. (Not coverable
+    by any Python program: the interpreter's own start, ~15 ms here, while it imports `site` and `runpy`.)"""
     p = _popen(long_run)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert "Traceback" not in err.decode(), err.decode()
     assert p.returncode == 130, (p.returncode, err.decode())
+
+
+# A Ctrl-C that lands while numpy's C extension imports: numpy turns it into an ImportError and a page of
+# advice, so npvlm/apps/start.py holds SIGINT back during the imports. The signal is sent from inside the
+# import, deterministically, by a finder that fires when numpy's C extension imports `datetime`.
+INTERRUPT_INSIDE_NUMPY = """
+import os, signal, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "datetime" and "numpy" in sys.modules:  # numpy's C extension imports datetime
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["npvlm", "info"]
+from npvlm.apps.start import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_inside_the_numpy_import_is_a_clean_exit_130():
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", INTERRUPT_INSIDE_NUMPY], capture_output=True, env=env, cwd=ROOT,
+                       timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 130 and err == "npvlm: interrupted\n", (r.returncode, err)
+
+
+def test_import_npvlm_is_cheap_enough_to_shorten_the_window():
+    """`import npvlm` (what runs before npvlm's own Ctrl-C handling can) imports no numpy, from a checkout too."""
+    code = "import sys, npvlm; import npvlm.apps.start; print(sorted(m for m in ('numpy', 'PIL') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("argv, preset, expected", [
+    (["generate", "--weights", "int8"], None, "4"),
+    (["serve", "--weights=bfloat16"], None, "4"),
+    (["generate", "--weights", "int8"], "30", "30"),  # the user's own setting is kept
+    (["generate", "--weights", "float32"], None, None),  # float32 runs no numba threads: OpenBLAS as it is
+    (["generate"], None, None),
+])
+def test_openblas_thread_timeout_is_set_before_numpy_for_packed_weights(argv, preset, expected):
+    from npvlm.apps.start import early_environment
+
+    env = {} if preset is None else {"OPENBLAS_THREAD_TIMEOUT": preset}
+    early_environment(argv, env)
+    assert env.get("OPENBLAS_THREAD_TIMEOUT") == expected
 
 
 # ---------------------------------------------------------------------------------------------

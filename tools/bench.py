@@ -3,6 +3,7 @@
     python tools/bench.py decode-flat            # time per decoded token at position 30 vs 300 (KV cache)
     python tools/bench.py vs-hf [--preset mid]   # npvlm vs HF transformers on the same checkpoint
     python tools/bench.py vs-hf --weights float32,bfloat16,int8   # npvlm with each, against HF float32
+    python tools/bench.py vs-hf --preset 3b --dtype bfloat16 --weights bfloat16   # the real 3B shapes, a bf16 file
     python tools/bench.py vs-hf --backend cupy   # the same on a GPU (torch on CUDA as the reference)
     python tools/bench.py ab --against DIR       # this checkout vs another checkout of npvlm, same run
 
@@ -35,18 +36,21 @@ PRESETS = {
     "mid": dict(preset="tiny-tok", vocab=32768, vision_hidden=768, vision_intermediate=3072, vision_layers=6,
                 vision_heads=12, image_size=224, patch_size=14, hidden=1024, intermediate=8192, layers=8, heads=8,
                 kv_heads=1, head_dim=128),
+    # the real PaliGemma 1 3B shapes (2.92 B parameters: So400m vision at 224 px, Gemma 2B, the 257216-word vocabulary)
+    "3b": dict(preset="pg1-3b-224"),
 }
 
 
-def checkpoint(name, where=None):
-    """The preset's random checkpoint, written once into a folder whose name carries its shapes (so a folder
-    left by another tool, or by another version of the preset, is never silently reused)."""
+def checkpoint(name, where=None, dtype="float32"):
+    """The preset's random checkpoint, written once into a folder whose name carries its shapes and dtype (so a
+    folder left by another tool, or by another version of the preset, is never silently reused)."""
     kw = PRESETS[name]
-    tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()) if k != "preset").replace("_", "")
+    tag = "-".join(f"{k}{v}" for k, v in sorted({**kw, "dtype": dtype}.items())).replace("_", "")
     d = where or os.path.join(tempfile.gettempdir(), f"npvlm-bench-{name}-{tag}")
-    if not os.path.exists(os.path.join(d, "config.json")):
+    if not os.path.exists(os.path.join(d, "model.safetensors")) and not os.path.exists(
+            os.path.join(d, "model.safetensors.index.json")):
         kw = dict(kw)
-        make_checkpoint(d, kw.pop("preset"), tokenizer=True, **kw)
+        make_checkpoint(d, kw.pop("preset"), tokenizer=True, dtype=dtype, **kw)
     return d
 
 
@@ -160,7 +164,7 @@ def _close_all(workers):
 def cmd_vs_hf(a):
     """npvlm (with each of --weights) and HF transformers float32 on the same checkpoint, alternating persistent
     processes, quiet rounds, medians."""
-    d = checkpoint(a.preset, a.dir)
+    d = checkpoint(a.preset, a.dir, a.dtype)
     threads = a.threads or len(os.sched_getaffinity(0))
     kinds = a.weights.split(",")
     sides = {("npvlm" if kinds == ["float32"] else f"npvlm-{w}"): w for w in kinds}
@@ -239,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--weights", default="float32",
                     help="vs-hf: npvlm's weights, comma-separated (float32,bfloat16,int8: one npvlm process each)")
     ap.add_argument("--dir", help="checkpoint folder to use / create")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="vs-hf: the checkpoint's dtype on disk (bfloat16: as PaliGemma 2 ships; HF widens it to float32)")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)
     res = {"decode-flat": cmd_decode_flat, "vs-hf": cmd_vs_hf, "ab": cmd_ab}[a.what](a)

@@ -130,6 +130,15 @@ MUTANTS = [
     Mutant("bf16 widened with the wrong shift", "npvlm/io/safetensors_file.py",
            "wide <<= 16", "wide <<= 15",
            k("tests/test_weights.py", "bf16_and_f16_widen")),
+    Mutant("AdamW without its second-moment bias correction", "npvlm/train/optim.py",
+           "bc2_sqrt = (1 - b2**t) ** 0.5", "bc2_sqrt = 1.0",
+           k("tests/test_finetune.py", "equal_torch and adamw and all")),
+    Mutant("LoRA's B gradient without the scale alpha / r", "npvlm/train/optim.py",
+           "out[m + \".lora_B.weight\"] = s * (dw @ a.T)", "out[m + \".lora_B.weight\"] = dw @ a.T",
+           k("tests/test_finetune.py", "equal_torch and lora")),
+    Mutant("Ctrl-C not held back while numpy imports", "npvlm/apps/start.py",
+           "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n", "",
+           k("tests/test_newcomer.py", "inside_the_numpy")),
 ]
 
 

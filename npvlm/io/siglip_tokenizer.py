@@ -22,7 +22,8 @@ import string
 
 from ..errors import TokenizerError, show
 from .files import read_json_object
-from .tokenizer import _read_file, as_text
+from .tokenizer import as_text
+from .tokenizer_engines import read_tokenizer_file
 from .spm_proto import modelproto_problem
 
 SPIECE_UNDERLINE = "\u2581"
@@ -62,7 +63,7 @@ class SiglipTokenizer:
         path = os.path.join(os.fspath(model_dir), "spiece.model")
         if not os.path.isfile(path):
             raise TokenizerError(f"{path}: not found (a SigLIP model folder holds a SentencePiece spiece.model)")
-        data = _read_file(path, "SentencePiece model")
+        data = read_tokenizer_file(path, "SentencePiece model")
         problem = modelproto_problem(data)
         if problem:
             raise TokenizerError(f"{path}: could not parse ModelProto: {problem}")

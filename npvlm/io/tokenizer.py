@@ -18,18 +18,16 @@ npvlm/models/paligemma_inputs.py.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
 
 from ..errors import TokenizerError
-from .files import read_bytes, read_json_object
+from .files import read_json_object
 from .memory import MAX_ADDED_TOKENS
-from .spm_proto import modelproto_problem
+from .tokenizer_engines import _HFTokenizers, _SentencePiece
 IMAGE_TOKEN = "<image>"
 _HF_NAMED_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # GemmaTokenizer's own special tokens
-_MAX_FILE = 1 << 30  # refuse to read a "tokenizer" over 1 GiB
 
 
 class Tokenizer:
@@ -169,27 +167,6 @@ def as_text(text, what: str) -> str:
     return text
 
 
-def _hf_byte_fallback_join(pieces) -> str:
-    """Join decoded pieces; `int` items are bytes. A run of bytes that is not UTF-8 gives one U+FFFD per byte."""
-    out, run = [], bytearray()
-    for p in pieces + [""]:
-        if isinstance(p, int):
-            run.append(p)
-            continue
-        if run:
-            try:
-                out.append(run.decode("utf-8"))
-            except UnicodeDecodeError:
-                out.append("\ufffd" * len(run))
-            run = bytearray()
-        out.append(p)
-    return "".join(out)
-
-
-def _read_file(path: str, what: str) -> bytes:
-    return read_bytes(path, what, TokenizerError, limit=_MAX_FILE)
-
-
 def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
     """Added tokens HF would read beside the model: tokenizer_config.json's added_tokens_decoder, added_tokens.json."""
     added = {}
@@ -210,118 +187,3 @@ def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise TokenizerError(f"{path}: malformed added tokens ({e!r})") from None
     return added
-
-
-# ==================================================================== backends
-class _SentencePiece:
-    """tokenizer.model through the `sentencepiece` library."""
-
-    def __init__(self, sp, path):
-        self.sp, self.path, self.size = sp, path, sp.get_piece_size()
-        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
-        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        ctrl = [i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)]
-        self.special_ids = frozenset(ctrl)
-        self.split_tokens = {sp.id_to_piece(i): i for i in ctrl}  # HF matches these in text; SentencePiece does not
-        self.split_added = True  # HF matches tokenizer_config.json's added tokens in text too
-        self._byte = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.size) if sp.is_byte(i)}
-
-    @classmethod
-    def load(cls, path):
-        data = _read_file(path, "SentencePiece model")
-        problem = modelproto_problem(data)
-        if problem:
-            raise TokenizerError(f"{path}: could not parse ModelProto: {problem}")
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise TokenizerError(f"{path}: the `sentencepiece` package is not installed (pip install sentencepiece)") from None
-        try:
-            sp = spm.SentencePieceProcessor(model_proto=data)
-        except (RuntimeError, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenizerError(f"{path}: not a usable SentencePiece model ({msg})") from None
-        if sp.get_piece_size() == 0:
-            raise TokenizerError(f"{path}: SentencePiece model has no pieces")
-        return cls(sp, path)
-
-    def piece(self, i):
-        return self.sp.id_to_piece(i)
-
-    def piece_id(self, piece):
-        i = self.sp.piece_to_id(piece)
-        return i if 0 <= i < self.size and self.sp.id_to_piece(i) == piece else None
-
-    def encode(self, text):
-        return list(self.sp.encode(text))
-
-    def decode(self, ids, added):
-        parts = []
-        for i in ids:
-            if i in added:
-                parts.append(added[i][0].replace("\u2581", " "))
-            elif i in self._byte:
-                parts.append(self._byte[i])
-            elif i < self.size:
-                parts.append(self.sp.id_to_piece(i).replace("\u2581", " "))
-        return _hf_byte_fallback_join(parts)
-
-
-class _HFTokenizers:
-    """tokenizer.json through the `tokenizers` library."""
-
-    def __init__(self, tk, path):
-        self.tk, self.path = tk, path
-        self.size = tk.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self.eos_id = None  # found by name
-        self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
-        self.split_tokens = {}  # the library matches its added tokens itself
-        self.split_added = False
-
-    @classmethod
-    def load(cls, path):
-        data = _read_file(path, "tokenizer.json")
-        try:
-            text = data.decode("utf-8")
-            json.loads(text)
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{path}: not UTF-8 text (byte offset {e.start}), not a tokenizer.json") from None
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        except (ValueError, RecursionError) as e:  # a 5000-digit number, 100k nested brackets
-            raise TokenizerError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
-        try:
-            from tokenizers import Tokenizer as _TK
-        except ImportError:
-            raise TokenizerError(f"{path}: the `tokenizers` package is not installed (pip install tokenizers)") from None
-        try:
-            tk = _TK.from_str(text)
-        except Exception as e:  # the library raises a bare Exception for a bad layout
-            raise TokenizerError(f"{path}: not an HF tokenizers file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        return cls(tk, path)
-
-    def piece(self, i):
-        return self.tk.id_to_token(i)
-
-    def piece_id(self, piece):
-        return self.tk.token_to_id(piece)
-
-    def encode(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, added):
-        # ids here are already filtered; specials of the file itself are skipped by the library too
-        extra = [i for i in ids if i in added and self.tk.id_to_token(i) is None]
-        if not extra:
-            return self.tk.decode(ids, skip_special_tokens=False)
-        out, run = [], []
-        for i in ids + [None]:
-            if i is None or i in extra:
-                if run:
-                    out.append(self.tk.decode(run, skip_special_tokens=False))
-                    run = []
-                if i is not None:
-                    out.append(added[i][0])
-            else:
-                run.append(i)
-        return "".join(out)

@@ -16,14 +16,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"; mkdir -p "$out"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-python3}"; SITE="${SITE:-/tmp/site}"  # PYTHON, SITE: for a dry run elsewhere
 export PYTHONUNBUFFERED=1
 {
   date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
       || { echo "installing .whl/ failed"; exit 1; }
-    export PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
+    export PYTHONPATH="$SITE:$PWD:${PYTHONPATH:-}"
   else
     echo "no .whl/ folder: run tools/fetch_gpu_wheels.sh here and carry .whl"; export PYTHONPATH="$PWD:${PYTHONPATH:-}"
   fi

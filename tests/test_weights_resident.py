@@ -254,3 +254,20 @@ def test_peak_rss_of_a_generation_stays_near_the_weights_it_keeps(rss_ckpt, bf16
     print(f"{weights}: peak {res['peak_rss_bytes'] >> 20} MiB, baseline {res['baseline_rss_bytes'] >> 20} MiB, "
           f"file {res['file_bytes'] >> 20} MiB, above baseline / file = {res['above_baseline_over_file']:.3f}")
     assert above <= limit * res["file_bytes"] + RSS_SLACK, res  # bytes, as above; the slack is stated beside it
+
+
+def test_the_10b_shapes_in_float32_are_refused_up_front_naming_the_weights_that_fit(tmp_path, monkeypatch):
+    """PaliGemma 2 10B (tools/make_checkpoint.py pg2-10b-224, bf16, 5 shards as HF ships them) on a 24 GiB machine:
+    float32 (36 GiB) is refused before anything is mapped, in one line with both figures and the --weights that fit.
+    The shards are headers and sparse zeros (19.3 GB long, nothing written): no weight is read before the refusal."""
+    from tools.make_checkpoint import make_checkpoint
+
+    d = make_checkpoint(str(tmp_path), "pg2-10b-224", dtype="bfloat16", shards=5, tokenizer=True, sparse=True)
+    for have, named, not_named in [(24 << 30, ["bfloat16", "int8"], []), (12 << 30, ["int8"], ["bfloat16"])]:
+        monkeypatch.setattr(memory, "available_bytes", lambda: have)
+        with pytest.raises(memory.OutOfMemory) as e:
+            npvlm.load(d)
+        msg = str(e.value)
+        assert "\n" not in msg and "as float32 needs 36.00 GiB" in msg and f"{have >> 30}.00 GiB is available" in msg, msg
+        assert all(f"--weights {w} would fit" in msg for w in named), msg  # bf16: 18 GiB mapped; int8: 9 GiB
+        assert not any(f"--weights {w}" in msg for w in not_named), msg

@@ -215,7 +215,8 @@ def _split(plan, shards: int, itemsize: int) -> list[list]:
 
 def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int, produce) -> int:
     """Stream tensors to `path`: produce(name) yields each one's bytes in C order (arrays, a block of rows at a time:
-    no tensor is ever whole in memory); return the file size."""
+    no tensor is ever whole in memory); return the file size. produce=None: the header only, the file extended to
+    its full size (zeros, sparse on disk)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
         n = math.prod(shape) * itemsize
@@ -225,6 +226,9 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], st_
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
+        if produce is None:
+            f.truncate(8 + len(raw) + offset)
+            tensors = []
         for name, shape in tensors:
             n = 0
             for data in produce(name):
@@ -236,8 +240,9 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], st_
     return 8 + len(raw) + offset
 
 
-def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", shards=1, seed=0) -> list[str]:
-    """The safetensors file(s) (and index) of a random model; returns the files written."""
+def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", shards=1, seed=0, sparse=False) -> list[str]:
+    """The safetensors file(s) (and index) of a random model; returns the files written. `sparse`: headers only, each
+    file its full size but all zeros and sparse on disk (for what happens before a weight is read: memory checks)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     st_dtype, itemsize = DTYPES[dtype]
@@ -252,13 +257,14 @@ def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", sha
             hub = "language_model.model.embed_tokens.weight"
         return (_encode(x, dtype) for x in random_blocks(hub, shape_of[hub], seed))
 
+    source = None if sparse else produce
     groups = _split([(layout_name(h, layout), shape) for h, shape in plan], shards, itemsize)
     _clear_weights(out_dir)
     if shards == 1:
         path = os.path.join(out_dir, "model.safetensors")
-        write_safetensors(path, groups[0], st_dtype, itemsize, produce)
+        write_safetensors(path, groups[0], st_dtype, itemsize, source)
         return [path]
-    return _write_shards(out_dir, groups, st_dtype, itemsize, produce)
+    return _write_shards(out_dir, groups, st_dtype, itemsize, source)
 
 
 def _write_shards(out_dir, groups, st_dtype, itemsize, produce) -> list[str]:
@@ -365,7 +371,7 @@ def _write_hf_tokenizer_files(out_dir: str) -> None:
 
 def make_checkpoint(out_dir: str, preset: str = "tiny", *, dtype: str = "float32", layout: str = "hub",
                     shards: int = 1, seed: int = 0, image_token_index: int | None = None,
-                    tokenizer: bool | None = None, **shape_overrides) -> str:
+                    tokenizer: bool | None = None, sparse: bool = False, **shape_overrides) -> str:
     """Write a random PaliGemma checkpoint folder and return its path.
 
     `shape_overrides` are fields of `Shapes` (vocab=..., hidden=..., model_type="gemma2", ...).
@@ -388,7 +394,7 @@ def make_checkpoint(out_dir: str, preset: str = "tiny", *, dtype: str = "float32
         image_token_index = REAL_IMAGE_TOKEN if s.vocab > REAL_IMAGE_TOKEN else min(5, s.vocab - 1)
     hf_config(s, image_token_index, dtype).save_pretrained(out_dir)
     _write_json(os.path.join(out_dir, "preprocessor_config.json"), _preprocessor_config(s))
-    write_weights(out_dir, s, dtype=dtype, layout=layout, shards=shards, seed=seed)
+    write_weights(out_dir, s, dtype=dtype, layout=layout, shards=shards, seed=seed, sparse=sparse)
     return out_dir
 
 
@@ -401,6 +407,7 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-token-index", type=int)
+    ap.add_argument("--sparse", action="store_true", help="headers only: full-size files of zeros, sparse on disk")
     ap.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=None,
                     help="write the 1500-piece test tokenizer (default: when the vocabulary fits it)")
     for f in dataclasses.fields(Shapes):

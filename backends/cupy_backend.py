@@ -39,6 +39,20 @@ class CupyBackend(Backend):
     def to_host(self, x):
         return self._cp.asnumpy(x)
 
+    def pack_weights(self, flat: dict, weights: str) -> dict:
+        """The Linear weights and the tied embedding as GPU bf16 / int8 containers (backends/cupy_kernels.py), packed
+        on the host first (packing.py: a bf16 file's bits as they are, int8 quantized a block of rows at a time), each
+        copied to the GPU once; the fused GEMV kernels registered. The rest stays host arrays for `asarray`."""
+        from .packing import pack_weights
+
+        if weights == "float32" and not any(isinstance(v, tuple) for v in flat.values()):
+            return flat
+        from ..packed import PackedWeight
+        from .cupy_kernels import register_cupy_kernels, to_device
+
+        register_cupy_kernels()
+        return {k: to_device(v) if isinstance(v, PackedWeight) else v for k, v in pack_weights(flat, weights).items()}
+
     def synchronize(self):
         self._cp.cuda.get_current_stream().synchronize()
 

@@ -58,7 +58,8 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
     with mmap (the default) a checkpoint that changes on disk is refused at the next generate call.
     `weights` says how the 2-D Linear weights (both towers, the projector) stay in memory: "float32", "bfloat16"
     (a bf16 checkpoint's weights stay memory-mapped as stored; a float32 one is rounded) or "int8" (per-output-
-    channel symmetric, quantized here); embeddings, norms and biases stay float32 (backends/packing.py). Decode
+    channel symmetric, quantized here), the tied token embedding / head with them; norms, biases and the vision
+    patch and position embeddings stay float32 (backends/packing.py). Decode
     reads every weight once per token, so fewer bytes a weight is a faster token (numba kernels, npvlm[fast]).
     """
     from .io.memory import WEIGHTS

@@ -6,7 +6,9 @@ narrow bits and stand in for a float32 [out, in] Linear weight; `nn.linear` wide
 its reference path (`weight.widen()`, then the usual x @ W.T), and a backend registers a fused
 kernel for each container type through the fast-op seam (`fast_ops.register("linear", Bf16Weight,
 ...)`, backends/numba_kernels.py) that widens a few rows at a time inside the matrix-vector
-product, so the float32 copy never exists.
+product, so the float32 copy never exists. The tied embedding table [V, D] is one of them too: the
+head is a Linear over V rows (the largest single read of a decode step), and the embedding lookup
+widens only the rows it looks up (`take_rows(ids)`).
 
     Bf16Weight(bits, widen)   bfloat16 as raw bits: uint16 [out, in]. A bfloat16 is the top half
                               of a float32, so widening is `(uint32(bits) << 16)` reinterpreted
@@ -54,6 +56,10 @@ class PackedWeight:
         """The float32 [out, in] weight this container stands for."""
         raise NotImplementedError
 
+    def take_rows(self, ids):
+        """widen()[ids] for ids [n] int: float32 [n, in], only those rows widened (an embedding lookup)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {tuple(self.shape)}>"
 
@@ -81,6 +87,9 @@ class Bf16Weight(PackedWeight):
     def widen(self):  # -> [out, in] float32, exact
         return self._widen(self.bits)
 
+    def take_rows(self, ids):  # [n] int -> [n, in] float32, exact
+        return self._widen(array_namespace(self.bits).take(self.bits, ids, axis=0))
+
 
 class Int8Weight(PackedWeight):
     """Per-output-channel symmetric int8: q int8 [out, in], scale float32 [out]; W ~= q * scale[:, None]."""
@@ -105,3 +114,7 @@ class Int8Weight(PackedWeight):
     def widen(self):  # -> [out, in] float32: each q times its row's scale, rounded once
         xp = array_namespace(self.q)
         return xp.astype(self.q, xp.float32) * self.scale[:, None]
+
+    def take_rows(self, ids):  # [n] int -> [n, in] float32, as widen()[ids]
+        xp = array_namespace(self.q)
+        return xp.astype(xp.take(self.q, ids, axis=0), xp.float32) * xp.take(self.scale, ids, axis=0)[:, None]

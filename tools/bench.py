@@ -64,10 +64,10 @@ def decode_step_seconds(model, position, steps=20):
     prompt = PromptBatch(host, *(xp.asarray(host[k], dtype=dt) for k, dt in
                                  [("ids", xp.int64), ("positions", xp.int64), ("valid", xp.bool), ("prefix", xp.bool),
                                   ("image_slot", xp.int64)]))
-    embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
+    like = model.params["language_model"]["model"]["norm"]["weight"]  # float32 on the device (embed_tokens may be packed)
     times = []
     for _ in range(3):  # repeat the whole measurement; keep the best median (least disturbed by noise)
-        cache = KVCache(embed_w, t.num_hidden_layers, 1, t.num_key_value_heads, T + steps + 1, t.head_dim)
+        cache = KVCache(like, t.num_hidden_layers, 1, t.num_key_value_heads, T + steps + 1, t.head_dim)
         logits, state = prefill(model.params, prompt, None, cache, cfg=cfg)
         nxt = xp.argmax(logits, axis=-1)
         step_times = []

@@ -73,7 +73,7 @@ def run_npvlm(d, out, last_only):
     first = int(np.argmax(be.to_host(logits)[0, -1]))
     # cached decode: prefill again into a KV cache, then time DECODE_STEPS greedy steps
     t, L = cfg.text, len(ids)
-    cache = KVCache(params["language_model"]["model"]["embed_tokens"]["weight"], t.num_hidden_layers, 1,
+    cache = KVCache(params["language_model"]["model"]["norm"]["weight"], t.num_hidden_layers, 1,
                     t.num_key_value_heads, L + DECODE_STEPS, t.head_dim)
     last, state = prefill(params, prompt, feats, cache, cfg=cfg)
     nxt = xp.argmax(last, axis=-1)

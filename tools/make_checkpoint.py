@@ -1,8 +1,9 @@
 """Write a random-weight PaliGemma checkpoint in HF format: config.json, safetensors, preprocessor config, tokenizer.
 
-For tests and benchmarks: no hub, no network. The weights are drawn tensor by tensor with NumPy and
-streamed to disk, so even the real 3B shapes (`--preset pg1-3b-224`, 11.7 GB in float32) need only
-about the largest tensor (the 2 GB embedding) in memory. transformers is used for config.json (so it
+For tests and benchmarks: no hub, no network. The weights are drawn with NumPy a block of rows at a
+time (BLOCK_VALUES) and streamed to disk, so no tensor is ever whole in memory: the real PaliGemma 2
+10B shapes (`--preset pg2-10b-224 --dtype bfloat16 --shards 5 --tokenizer`, 19.3 GB) are written by a
+process whose peak RSS stays a few hundred MB (transformers, imported for config.json, is most of it). transformers is used for config.json (so it
 is exactly what `save_pretrained` writes) and, with a tokenizer, for the tokenizer / processor files.
 
 Weights have spread (TESTING-NOTES.md): linear weights ~ N(0, (0.2 / sqrt(fan_in / 64))^2), so logits
@@ -70,6 +71,11 @@ PRESETS = {
     "pg2-3b-448": dict(_PG_VISION, image_size=448, model_type="gemma2", vocab=257216, hidden=2304, intermediate=9216,
                        layers=26, heads=8, kv_heads=4, head_dim=256, query_pre_attn_scalar=256,
                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
+    # google/paligemma2-10b-pt-224: Gemma 2 9B (SPEC.md's table) + SigLIP So400m at 224 px, 9.66 B parameters
+    # (19.3 GB in bf16, 38.7 GB in float32): write it with --dtype bfloat16 --shards 5 --tokenizer
+    "pg2-10b-224": dict(_PG_VISION, image_size=224, model_type="gemma2", vocab=257216, hidden=3584, intermediate=14336,
+                        layers=42, heads=16, kv_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
 }
 LAYOUTS = ("hub", "hub_lm_head", "v5", "v5_memory", "v5_memory_flat")
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -130,22 +136,34 @@ def _text_plan(s: Shapes) -> list[tuple[str, tuple[int, ...]]]:
     return plan + [("language_model.model.norm.weight", (D,))]
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """float32 values for one hub-named weight; they depend only on (seed, name)."""
+BLOCK_VALUES = 1 << 23  # values drawn, encoded and written at a time (32 MiB of float32): the writer's footprint
+
+
+def random_blocks(name: str, shape: tuple[int, ...], seed: int, block: int = BLOCK_VALUES):
+    """float32 values for one hub-named weight, C order, in blocks of whole rows (at most `block` values, or one
+    row); they depend only on (seed, name), not on the blocking: one generator draws them in sequence."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    x = rng.standard_normal(shape, dtype=np.float32)
-    if "norm" in name.rsplit(".", 2)[-2]:  # layer_norm1, post_layernorm, input_layernorm, norm, ...
-        if name.startswith("language_model."):
-            x *= 0.1  # Gemma RMSNorm: applied as (1 + w), neutral at 0
-        elif name.endswith(".weight"):
-            x = 1.0 + 0.1 * x  # LayerNorm scale, neutral at 1
-        else:
+    rows, row = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    step = max(1, block // max(1, row))
+    for a in range(0, rows, step):
+        x = rng.standard_normal((min(step, rows - a),) + tuple(shape[1:]), dtype=np.float32)
+        if "norm" in name.rsplit(".", 2)[-2]:  # layer_norm1, post_layernorm, input_layernorm, norm, ...
+            if name.startswith("language_model."):
+                x *= 0.1  # Gemma RMSNorm: applied as (1 + w), neutral at 0
+            elif name.endswith(".weight"):
+                x = 1.0 + 0.1 * x  # LayerNorm scale, neutral at 1
+            else:
+                x *= 0.05
+        elif name.endswith(".bias"):
             x *= 0.05
-    elif name.endswith(".bias"):
-        x *= 0.05
-    else:
-        x *= 0.2 / math.sqrt(math.prod(shape[1:]) / 64)  # fan_in: all but the output axis
-    return x
+        else:
+            x *= 0.2 / math.sqrt(math.prod(shape[1:]) / 64)  # fan_in: all but the output axis
+        yield x
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float32 values for one hub-named weight, whole; they depend only on (seed, name)."""
+    return np.concatenate(list(random_blocks(name, shape, seed))).reshape(shape)
 
 
 def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -196,7 +214,9 @@ def _split(plan, shards: int, itemsize: int) -> list[list]:
 
 
 def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int, produce) -> int:
-    """Stream tensors to `path`: produce(name) returns each one's bytes (a C-ordered array); return the file size."""
+    """Stream tensors to `path`: produce(name) yields each one's bytes in C order (arrays, a block of rows at a time:
+    no tensor is ever whole in memory); return the file size. produce=None: the header only, the file extended to
+    its full size (zeros, sparse on disk)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
         n = math.prod(shape) * itemsize
@@ -206,16 +226,23 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...]]], st_
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
+        if produce is None:
+            f.truncate(8 + len(raw) + offset)
+            tensors = []
         for name, shape in tensors:
-            data = np.ascontiguousarray(produce(name))
-            assert data.nbytes == math.prod(shape) * itemsize, name
-            f.write(memoryview(data).cast("B"))
+            n = 0
+            for data in produce(name):
+                data = np.ascontiguousarray(data)
+                f.write(memoryview(data).cast("B"))
+                n += data.nbytes
+            assert n == math.prod(shape) * itemsize, name
     os.replace(path + ".tmp", path)
     return 8 + len(raw) + offset
 
 
-def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", shards=1, seed=0) -> list[str]:
-    """The safetensors file(s) (and index) of a random model; returns the files written."""
+def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", shards=1, seed=0, sparse=False) -> list[str]:
+    """The safetensors file(s) (and index) of a random model; returns the files written. `sparse`: headers only, each
+    file its full size but all zeros and sparse on disk (for what happens before a weight is read: memory checks)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     st_dtype, itemsize = DTYPES[dtype]
@@ -228,15 +255,16 @@ def write_weights(out_dir: str, s: Shapes, *, dtype="float32", layout="hub", sha
         hub = hub_of[name]
         if hub == "language_model.lm_head.weight":  # tied: the embedding's values
             hub = "language_model.model.embed_tokens.weight"
-        return _encode(random_tensor(hub, shape_of[hub], seed), dtype)
+        return (_encode(x, dtype) for x in random_blocks(hub, shape_of[hub], seed))
 
+    source = None if sparse else produce
     groups = _split([(layout_name(h, layout), shape) for h, shape in plan], shards, itemsize)
     _clear_weights(out_dir)
     if shards == 1:
         path = os.path.join(out_dir, "model.safetensors")
-        write_safetensors(path, groups[0], st_dtype, itemsize, produce)
+        write_safetensors(path, groups[0], st_dtype, itemsize, source)
         return [path]
-    return _write_shards(out_dir, groups, st_dtype, itemsize, produce)
+    return _write_shards(out_dir, groups, st_dtype, itemsize, source)
 
 
 def _write_shards(out_dir, groups, st_dtype, itemsize, produce) -> list[str]:
@@ -343,7 +371,7 @@ def _write_hf_tokenizer_files(out_dir: str) -> None:
 
 def make_checkpoint(out_dir: str, preset: str = "tiny", *, dtype: str = "float32", layout: str = "hub",
                     shards: int = 1, seed: int = 0, image_token_index: int | None = None,
-                    tokenizer: bool | None = None, **shape_overrides) -> str:
+                    tokenizer: bool | None = None, sparse: bool = False, **shape_overrides) -> str:
     """Write a random PaliGemma checkpoint folder and return its path.
 
     `shape_overrides` are fields of `Shapes` (vocab=..., hidden=..., model_type="gemma2", ...).
@@ -366,7 +394,7 @@ def make_checkpoint(out_dir: str, preset: str = "tiny", *, dtype: str = "float32
         image_token_index = REAL_IMAGE_TOKEN if s.vocab > REAL_IMAGE_TOKEN else min(5, s.vocab - 1)
     hf_config(s, image_token_index, dtype).save_pretrained(out_dir)
     _write_json(os.path.join(out_dir, "preprocessor_config.json"), _preprocessor_config(s))
-    write_weights(out_dir, s, dtype=dtype, layout=layout, shards=shards, seed=seed)
+    write_weights(out_dir, s, dtype=dtype, layout=layout, shards=shards, seed=seed, sparse=sparse)
     return out_dir
 
 
@@ -379,6 +407,7 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-token-index", type=int)
+    ap.add_argument("--sparse", action="store_true", help="headers only: full-size files of zeros, sparse on disk")
     ap.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=None,
                     help="write the 1500-piece test tokenizer (default: when the vocabulary fits it)")
     for f in dataclasses.fields(Shapes):

@@ -112,7 +112,7 @@ def add_model_args(p):
     p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32", action=Once,
                    help="how the Linear weights stay in memory: float32 (default), bfloat16 (a bf16 checkpoint stays "
                         "mapped as stored; half the bytes read per token) or int8 (per-channel, quantized at load; a "
-                        "quarter); embeddings and norms stay float32. Fast with numba (npvlm[fast])")
+                        "quarter), the tied embedding / head too; norms stay float32. Fast with numba (npvlm[fast])")
 
 
 def add_sampling_args(p):

@@ -6,13 +6,13 @@ The folder is the input's with the safetensors rewritten (one model.safetensors)
 kept as it was plus one key, `npvlm_quantization`, that says what was done (HF's own
 `quantization_config` is left alone: transformers would look for a quantizer it does not have).
 The tensors keep their names; the weights npvlm.load(weights=...) narrows (backends/packing.py
-is_packed: the 2-D Linear weights of both towers and the projector) are stored as
+is_packed: the 2-D Linear weights of both towers and the projector, and the tied token embedding) are stored as
 
     bfloat16   NAME                 BF16 [out, in]    (readable by any safetensors tool, HF included)
     int8       NAME                 I8   [out, in]    q, symmetric per output channel
                NAME_scale           F32  [out]        W ~= q * scale[:, None], scale = max|W_row| / 127
 
-and everything else (embeddings, norms, biases) as F32. npvlm.load reads either back to exactly the
+and everything else (the patch and position embeddings, norms, biases) as F32. npvlm.load reads either back to exactly the
 weights that quantizing at load gives (tests/test_weights_resident.py).
 """
 
@@ -86,7 +86,7 @@ def quantize(model_dir: str | None, out_dir: str, weights: str) -> str:
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     config[QUANT_KEY] = {"weights": weights, "tensors": "2-D Linear weights of the vision tower, the language model "
-                                                       "and the projector; the rest float32",
+                                                       "and the projector, the tied token embedding; the rest float32",
                          **({"scheme": "symmetric per output channel: W ~= q * scale[:, None], scale = max|W_row| / 127",
                              "scale_suffix": SCALE_SUFFIX} if weights == "int8" else {"rounding": "nearest even"})}
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -81,8 +81,8 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
     xp = backend.xp
     t = cfg.text
     B, T = prompt.ids.shape
-    embed_w = params["language_model"]["model"]["embed_tokens"]["weight"]
-    cache = KVCache(embed_w, t.num_hidden_layers, B, t.num_key_value_heads, T + sampling.max_new_tokens, t.head_dim)
+    like = params["language_model"]["model"]["norm"]["weight"]  # float32 on the device (embed_tokens may be packed)
+    cache = KVCache(like, t.num_hidden_layers, B, t.num_key_value_heads, T + sampling.max_new_tokens, t.head_dim)
     rng = random.Random(sampling.seed)
     t0 = time.perf_counter()
     probs = None if maps is None else []

@@ -104,41 +104,50 @@ WEIGHTS = ("float32", "bfloat16", "int8")  # how the 2-D Linear weights are held
 
 
 def load_estimate(infos, mmap: bool = True, weights: str = "float32", packed=None) -> tuple[int, int]:
-    """(anonymous bytes, file-backed bytes) for tensors given as TensorInfo, resident as `weights`.
+    """(anonymous bytes at the peak of the load, file-backed bytes) for tensors given as TensorInfo, as `weights`.
 
     float32: BF16/F16 are widened into new float32 arrays; F32 ones are views of the mapped file (page cache)
-    unless `mmap` is off. For the tensors flagged in `packed` (parallel to infos; the 2-D Linear weights),
-    bfloat16 keeps 2 bytes a weight (a BF16 file's bits stay mapped, others are rounded into new arrays) and
-    int8 1 byte plus a float32 scale per row, plus the largest such tensor widened once while quantizing."""
+    unless `mmap` is off. For the tensors flagged in `packed` (parallel to infos; the 2-D Linear weights and the
+    tied embedding), bfloat16 keeps 2 bytes a weight (a BF16 file's bits stay mapped, others are rounded into
+    new arrays) and int8 1 byte plus a float32 scale per row. Converting reads a BF16 or F32 tensor where it is
+    mapped (bf16 bits are widened a block of rows at a time, backends/packing.py); what exists only while
+    loading, and is counted in the peak: an F16 tensor widened whole by the reader, and without `mmap` the
+    in-memory copy of every tensor that is then converted."""
     infos = list(infos)
     packed = [False] * len(infos) if packed is None else list(packed)
-    anon = mapped = peak = 0
+    anon = mapped = held = widest = 0  # held: copies that coexist while loading; widest: one tensor at a time
     for t, pk in zip(infos, packed):
         n = t.nbytes // {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}.get(t.dtype, 4)  # elements
-        if pk and weights == "bfloat16":
-            if t.dtype == "BF16" and mmap:
-                mapped += 2 * n
-            else:
-                anon += 2 * n
-        elif pk and weights == "int8":
-            anon += n + 4 * (t.shape[0] if t.shape else 1)
-            peak = max(peak, 4 * n if t.dtype != "F32" else 0)  # a BF16/F16 weight is widened whole, then quantized
+        rows = t.shape[0] if t.shape else 1
+        if t.dtype == "I8":  # an int8 weight of `npvlm quantize` (+ its F32 scale, 4 bytes a row)
+            if weights == "int8":
+                mapped, anon = (mapped + n + 4 * rows, anon) if mmap else (mapped, anon + n + 4 * rows)
+            else:  # widened (q * scale), then rounded to bf16 for "bfloat16"
+                anon += 2 * n if weights == "bfloat16" else 4 * n
+                widest = max(widest, 4 * n if weights == "bfloat16" else 0)
+        elif pk and weights == "bfloat16" and t.dtype == "BF16":
+            mapped, anon = (mapped + 2 * n, anon) if mmap else (mapped, anon + 2 * n)
+        elif pk and weights in ("bfloat16", "int8"):
+            anon += 2 * n if weights == "bfloat16" else n + 4 * rows
+            held += 4 * n if t.dtype == "F16" else 0 if mmap else t.nbytes
         elif t.dtype == "F32" and mmap:
             mapped += 4 * n
         else:
             anon += 4 * n
-    return anon + peak, mapped
+    return anon + held + widest, mapped
 
 
 def weights_that_fit(infos, mmap: bool, packed, have: "int | None", current: str = "float32") -> str:
-    """'; --weights X would fit (N GiB)' for the other weight modes that fit in `have` bytes, or ''."""
+    """'; --weights X would fit (N GiB)' for the other weight modes whose whole resident size (new arrays and
+    the weights mapped from the file, which decode reads at every token) fits in `have` bytes, or ''."""
     if have is None:
         return ""
     fits = []
     for w in (w for w in WEIGHTS if w != current):
-        anon = load_estimate(infos, mmap, w, packed)[0]
-        if anon <= have:
-            fits.append(f"--weights {w} would fit ({gib(anon)})")
+        anon, mapped = load_estimate(infos, mmap, w, packed)
+        if anon + mapped <= have:
+            fits.append(f"--weights {w} would fit ({gib(anon + mapped)}" +
+                        (f", {gib(mapped)} of it mapped from the file)" if mapped else ")"))
     return "; " + ", ".join(fits) if fits else ""
 
 

@@ -21,14 +21,17 @@ import math
 from array_api_compat import array_namespace
 
 from .paligemma_config import TextConfig
+from ..packed import PackedWeight
 from ..nn import attention, attention_probs, geglu, linear, merge_heads, rms_norm, rope, rope_angles, split_heads
 
 
 def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]} -> [B, T, D]
-    """Token embeddings times sqrt(D): the constant is rounded to the weight's dtype first, as HF does."""
-    xp = array_namespace(embed_tokens["weight"])
+    """Token embeddings times sqrt(D): the constant is rounded to the weight's dtype first, as HF does.
+    A 16/8-bit table (npvlm/packed.py, `--weights`) widens only the B*T rows looked up."""
+    xp = array_namespace(ids)
     B, T = ids.shape
-    e = xp.take(embed_tokens["weight"], xp.reshape(ids, (B * T,)), axis=0)  # [B*T, D]
+    w, flat = embed_tokens["weight"], xp.reshape(ids, (B * T,))
+    e = w.take_rows(flat) if isinstance(w, PackedWeight) else xp.take(w, flat, axis=0)  # [B*T, D]
     scale = xp.asarray(math.sqrt(cfg.hidden_size), dtype=e.dtype)
     return xp.reshape(e, (B, T, cfg.hidden_size)) * scale
 

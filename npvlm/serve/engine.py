@@ -65,8 +65,8 @@ class Engine:
         limit = cfg.text.max_position_embeddings
         self.capacity = min(limit, capacity or cfg.num_image_tokens + 512)  # columns per row of the running cache
         t = cfg.text
-        embed_w = model.params["language_model"]["model"]["embed_tokens"]["weight"]
-        self.cache = KVCache(embed_w, t.num_hidden_layers, max_batch, t.num_key_value_heads, self.capacity, t.head_dim)
+        like = model.params["language_model"]["model"]["norm"]["weight"]  # float32 on the device (embed_tokens may be packed)
+        self.cache = KVCache(like, t.num_hidden_layers, max_batch, t.num_key_value_heads, self.capacity, t.head_dim)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting = collections.deque()
         self.lock = threading.Condition()

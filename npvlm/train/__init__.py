@@ -1,6 +1,7 @@
 """Training PaliGemma in npvlm: whole-model gradients (hand-written, layer by layer), optimisers, the loop.
 
-    siglip_grad.py     the vision tower's forward-that-saves and backward (mirrors models/siglip_vision.py)
+    siglip_grad.py     the vision tower's forward-that-saves and backward, with the MAP head (mirrors models/siglip_vision.py)
+    siglip_model_grad.py  SigLIP's text tower and HF SiglipModel's sigmoid (or CLIP) loss, loss_and_grads
     gemma_grad.py      the decoder's (mirrors models/gemma.py: Gemma 1 and Gemma 2)
     paligemma_grad.py  the training batch, HF's suffix loss, loss_and_grads (mirrors models/paligemma.py)
     optim.py           SGD and AdamW (torch's update rules), the trainable selections, LoRA

@@ -7,9 +7,9 @@ The loss is the one HF `SiglipModel(input_ids=..., pixel_values=..., return_loss
     loss = -1/B sum_ij log sigmoid(z_ij L_ij),  z = 2 I - 1   (HF: labels 2 eye - 1, the row sums averaged)
 
 or, with loss="clip", CLIP's symmetric softmax cross-entropy over the same logits (the bias cancels in a
-softmax: its gradient is zero). With positives="same-text" every pair whose texts tokenise to the same ids
-counts as a match (z_ij = +1), not only the diagonal: a batch of scene captions repeats some. The texts
-are padded to the model's max length and the padding is attended to, as HF does given no attention_mask.
+softmax: its gradient is zero). Only the diagonal pairs match: a batch that repeats a text asks the model to
+tell the repeats apart (tools/train_siglip_shapes.py builds its batches without repeats). The texts are
+padded to the model's max length and the padding is attended to, as HF does given no attention_mask.
 
     pixels --vision_model_forward (siglip_grad)--> [B, D] --l2--┐
     ids --embed + pos--> encoder --LN of the last token--> head --l2--┴--> logits --loss
@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from array_api_compat import array_namespace
 
 from .. import nn_backward as NB
-from ..contrastive import clip_loss_and_grads, l2_normalize_backward, l2_normalize_forward, siglip_loss_and_grads
+from ..contrastive import clip_loss_and_grads, siglip_loss_and_grads
 from ..errors import ConfigError
 from ..models.siglip_config import SiglipConfig, SiglipTextConfig
 from .siglip_grad import encoder_block_backward, encoder_block_forward, vision_model_backward, vision_model_forward
 
 LOSSES = ("sigmoid", "clip")
-POSITIVES = ("diagonal", "same-text")
 
 
 @dataclass
@@ -41,19 +40,12 @@ class ContrastiveBatch:
 
     pixels: object  # float32 [B, 3, S, S]
     ids: object  # int64 [B, T], T = max_position_embeddings (max-length padding, as trained)
-    positives: object  # float32 [B, B], 1 where image i and text j match; None: the diagonal (HF's)
 
 
-def make_batch(tok, xp, pixels, texts, positives: str = "diagonal") -> ContrastiveBatch:
+def make_batch(tok, xp, pixels, texts) -> ContrastiveBatch:
     """Tokenise `texts` as HF's SiglipTokenizer(padding="max_length", truncation=True) and pair them with `pixels`."""
-    if positives not in POSITIVES:
-        raise ConfigError(f"positives {positives!r} is not one of {', '.join(POSITIVES)}")
     rows, _ = tok(list(texts))
-    ids = xp.asarray(rows, dtype=xp.int64)
-    pos = None
-    if positives == "same-text":
-        pos = xp.asarray([[float(a == b) for b in rows] for a in rows], dtype=xp.float32)
-    return ContrastiveBatch(pixels, ids, pos)
+    return ContrastiveBatch(pixels, xp.asarray(rows, dtype=xp.int64))
 
 
 # --- the text tower ------------------------------------------------------------------------------
@@ -93,30 +85,6 @@ def text_tower_backward(dy, saved):  # [B, Dp] -> grads shaped like the `text_mo
 
 # --- the loss --------------------------------------------------------------------------------------
 
-def sigmoid_loss_and_grads(image_embeds, text_embeds, logit_scale, logit_bias, positives):  # -> loss, grads
-    """The sigmoid loss with a general match matrix P (float [B, B]); None: the diagonal (contrastive.py's).
-
-    loss = 1/B [sum_ij softplus(L_ij) - sum_ij P_ij L_ij]    (-log sigmoid(zL) = softplus(L) - [z = +1] L)
-    dloss/dL = (sigmoid(L) - P) / B.  Peak memory: a few [B, B] float32 matrices.
-    """
-    if positives is None:
-        return siglip_loss_and_grads(image_embeds, text_embeds, logit_scale, logit_bias)
-    xp = array_namespace(image_embeds)
-    n = image_embeds.shape[0]
-    x, sx = l2_normalize_forward(image_embeds)
-    y, sy = l2_normalize_forward(text_embeds)
-    t = xp.exp(logit_scale)
-    C = x @ xp.matrix_transpose(y)  # [B, B] cosines
-    L = C * t + logit_bias
-    e = xp.exp(-xp.abs(L))
-    loss = (xp.sum(xp.maximum(L, 0.0) + xp.log1p(e)) - xp.sum(positives * L)) / n
-    G = (xp.where(L < 0.0, e, xp.ones_like(e)) / (1.0 + e) - positives) / n  # sigmoid(L) without overflow, minus P
-    grads = {"image_embeds": l2_normalize_backward((G @ y) * t, sx),
-             "text_embeds": l2_normalize_backward((xp.matrix_transpose(G) @ x) * t, sy),
-             "logit_scale": xp.sum(G * C) * t, "logit_bias": xp.sum(G)}  # dL/dt' = t C, dL/db = 1
-    return loss, grads
-
-
 def loss_forward(params, batch: ContrastiveBatch, *, cfg: SiglipConfig, loss: str = "sigmoid"):  # -> (loss, saved)
     """Both towers' forwards; the embeddings' gradient comes with the loss (contrastive.py computes both at once)."""
     if loss not in LOSSES:
@@ -128,7 +96,7 @@ def loss_forward(params, batch: ContrastiveBatch, *, cfg: SiglipConfig, loss: st
         value, g = clip_loss_and_grads(img, txt, scale)
         g["logit_bias"] = bias * 0.0
     else:
-        value, g = sigmoid_loss_and_grads(img, txt, scale, bias, batch.positives)
+        value, g = siglip_loss_and_grads(img, txt, scale, bias)
     return value, {"img": s_img, "txt": s_txt, "g": g}
 
 

@@ -27,7 +27,8 @@ def add_parser(sub):
                    help="the model folder to start from, or a Hub id in the Hugging Face cache (default: the embedded "
                         "shapes model)")
     p.add_argument("--data", required=True, action=Once,
-                   help='JSONL, one row a line: {"image": path relative to this file, "prefix": ..., "suffix": ...}')
+                   help='JSONL, one row a line: {"image": path relative to this file, "prefix": ..., "suffix": ...} '
+                        '(a SigLIP folder: {"image": ..., "text": ...})')
     p.add_argument("--out", "-o", required=True, action=Once, metavar="OUT_DIR", help="the folder to write")
     p.add_argument("--steps", type=_positive_int, default=100, action=Once, help="optimiser steps (default 100)")
     p.add_argument("--batch-size", type=_positive_int, default=4, action=Once, help="rows a step (default 4)")
@@ -40,7 +41,10 @@ def add_parser(sub):
     p.add_argument("--train", choices=("attention", "all", "lora"), default="attention", action=Once,
                    help="attention: the decoder's q/k/v/o projections only (big_vision's colab; default); all: every "
                         "parameter; lora: low-rank adapters on the decoder's q/k/v/o/gate/up/down projections, merged "
-                        "into the weights on save")
+                        "into the weights on save (SigLIP: both towers' q/k/v/out_proj, and for lora also fc1/fc2)")
+    p.add_argument("--loss", choices=("sigmoid", "clip"), default=None, action=Once,
+                   help="SigLIP folders: sigmoid (HF SiglipModel's return_loss, the default) or clip (softmax over the "
+                        "batch); a PaliGemma folder has its own loss")
     p.add_argument("--lora-rank", type=_positive_int, default=8, action=Once, help="LoRA rank r (default 8, PEFT's)")
     p.add_argument("--lora-alpha", type=float, default=8.0, action=Once,
                    help="LoRA alpha; the update is scaled by alpha / r (default 8, PEFT's)")
@@ -72,7 +76,7 @@ def run(args) -> int:
     summary = finetune(model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, trainable=args.train, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, save_adapter=args.save_adapter, seed=args.seed,
-                       json_path=args.json, overwrite=args.overwrite, backend=backend)
+                       json_path=args.json, overwrite=args.overwrite, backend=backend, loss=args.loss)
     last = summary["curve"][-1]
     print(f"wrote {args.out} ({summary['steps']} steps, {args.train}, {args.optimizer} lr {summary['lr']:g}; "
           f"last loss {last['loss']:.4f})")

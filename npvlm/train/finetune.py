@@ -47,7 +47,13 @@ def _paligemma(model_dir, backend):
     return PaliGemmaTask.load(model_dir, backend)
 
 
-TASKS = {"paligemma": _paligemma}  # config.json model_type -> task(model_dir, backend)
+def _siglip(model_dir, backend):
+    from .siglip_task import SiglipTask
+
+    return SiglipTask.load(model_dir, backend)
+
+
+TASKS = {"paligemma": _paligemma, "siglip": _siglip}  # config.json model_type -> task(model_dir, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +242,7 @@ def _write_json(path, obj) -> None:
 def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4, lr: float | None = None,
              optimizer: str = "sgd", trainable: str = "attention", lora_rank: int = 8, lora_alpha: float = 8.0,
              save_adapter: bool = False, seed: int = 0, json_path=None, overwrite: bool = False, backend="numpy",
-             progress: bool = True) -> dict:
+             progress: bool = True, loss: str | None = None) -> dict:
     """Check everything, train, save (see the module docstring); returns the run's summary and loss curve."""
     from .. import api
     from ..backends import get_backend
@@ -251,13 +257,17 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
         raise ConfigError(f"{show_path(model_dir)}: model_type {mt!r}: npvlm finetune trains "
                           f"{', '.join(TASKS)} folders")
     task = TASKS[mt or "paligemma"](model_dir, get_backend(backend))  # None: the loader says what is missing
+    if loss is not None and loss not in getattr(task, "losses", ()):  # a task with a choice lists it (SigLIP)
+        raise ConfigError(f"--loss {loss!r}: a {mt or 'paligemma'} folder does not train with it")
+    if loss is not None:
+        task.loss = loss
     rows = read_rows(data, task.fields)
     for n, row in rows:
         try:
             task.check_row(row)
         except NpvlmError as e:
             raise type(e)(f"{show_path(data)}:{n}: {e}") from None
-    sel = select(trainable, task.params, rank=lora_rank, alpha=lora_alpha)
+    sel = getattr(task, "select", select)(trainable, task.params, rank=lora_rank, alpha=lora_alpha)  # a task may name its own
     meter = Progress(steps, batch_size, sys.stderr if progress else None)
     try:
         trained, _ = train(task, sel, OPTIMIZERS[optimizer](lr), [r for _, r in rows], steps=steps,
@@ -268,7 +278,7 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
     summary = {"model": model_dir, "data": os.fspath(data), "out": os.fspath(out_dir), "model_type": mt or "paligemma",
                "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "train": trainable,
                "lora_rank": lora_rank if lora else None, "lora_alpha": lora_alpha if lora else None,
-               "seed": seed, "rows": len(rows), "curve": meter.curve}
+               "seed": seed, "rows": len(rows), "loss": getattr(task, "loss", None), "curve": meter.curve}
     if json_path is not None:
         _write_json(json_path, summary)
     if save_adapter:

@@ -17,6 +17,7 @@ from .io.checkpoint import load_weights, unflatten
 from .io.images import ImageProcessorConfig
 from .io.scan import check_finite, weights_error
 from .io.siglip_tokenizer import SiglipTokenizer
+from .io.special_tokens import appended_note
 from .io.tokenizer import as_text
 from .models import siglip as S
 from .models.paligemma_inputs import load_images, pixel_batch
@@ -38,7 +39,7 @@ def load(model_dir=None, backend="numpy", *, progress=None, mask_padding: bool =
     tok = SiglipTokenizer.from_dir(model_dir, max_length=cfg.text.max_position_embeddings)
     if tok.vocab_size > cfg.text.vocab_size:
         raise ConfigError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                          f"{cfg.text.vocab_size}")
+                          f"{cfg.text.vocab_size}{appended_note(tok)}")
     processor = ImageProcessorConfig.from_dir(model_dir, cfg.vision.image_size)
     flat = load_weights(model_dir, siglip_schema(cfg), progress=progress)
     params = unflatten({k: be.asarray(v) for k, v in flat.items()})

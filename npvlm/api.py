@@ -20,7 +20,7 @@ from .io.files import bad_number, read_json_object
 from .io.hub import looks_like_hub_id, resolve_model
 from .io.images import ImageProcessorConfig
 from .io.memory import check_generation, check_sizes
-from .io.scan import pack_naming_nonfinite, weights_error
+from .io.scan import checked_step, pack_naming_nonfinite, weights_error
 from .io.special_tokens import appended_note
 from .io.tokenizer import Tokenizer
 from .models.paligemma import forward, image_features, prefix_lm_masks
@@ -221,7 +221,8 @@ class PaliGemmaModel:
             check_generation(self.config, *batch.ids.shape, sampling.max_new_tokens)
         t0 = time.perf_counter()
         rgb = load_images(images, exif=exif)
-        feats = self.encode_images(rgb)  # [B, N, D]
+        with checked_step():  # the features reach the first step's logits, which generate_tokens checks
+            feats = self.encode_images(rgb)  # [B, N, D]
         self.backend.synchronize()
         stats = {"image_sizes": [im.size for im in rgb], "image_seconds": time.perf_counter() - t0}
         steps = generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats, maps,

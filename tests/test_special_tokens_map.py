@@ -216,7 +216,9 @@ def test_generation_stops_where_hf_stops_whatever_the_map_calls_eos(tmp_path, im
     model = npvlm.load(d)
     assert model.tokenizer.eos_id == base.token_ids[1] and model.stop_ids == {1}  # config.json's eos_token_id
     ours = model.generate(image_path, "caption en", max_new_tokens=6)
-    gen, proc = _hf_generate(d, image_path, 6)
+    gen, proc = _hf_generate(d, image_path, 6)  # AutoProcessor: the folder's own tokenizer class (TokenizersBackend)
+    for prompt, suffix in PAIRS + [(renamed, renamed)]:
+        assert prompt_ids(model.tokenizer, prompt, 16, suffix=suffix)[0] == _hf_prompt_ids(proc, prompt, suffix)
     assert ours.token_ids == gen[:len(ours.token_ids)] and len(ours.token_ids) == len(gen) - (gen[-1] == 1)
     assert ours.text == proc.decode(ours.token_ids, skip_special_tokens=True)  # the renamed eos is dropped by both
     assert renamed not in ours.text

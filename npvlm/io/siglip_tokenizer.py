@@ -6,8 +6,9 @@ What SiglipTokenizer does on top of the raw SentencePiece model (transformers 5
   * "\u2581" is prefixed to the text (and any "\u2581" in it becomes a space);
   * the special tokens' strings (eos / unk / pad, "</s>" "<unk>" "</s>" unless tokenizer_config.json or
     special_tokens_map.json rename them, with HF's precedence: npvlm/io/special_tokens.py; and the extra ones
-    those files list) written in the text are matched first and become single ids, the whitespace around them
-    stripped (AddedToken lstrip/rstrip); one the SentencePiece model lacks gets the next new id, as HF appends it;
+    those files list; and tokenizer_config.json's added_tokens_decoder entries) written in the text are matched
+    first and become single ids, the whitespace around them stripped (AddedToken lstrip/rstrip); a special one the
+    SentencePiece model lacks gets the next new id, as HF appends it;
   * each remaining chunk is canonicalised: lower-cased (`do_lower_case`, default true), ASCII
     punctuation (`string.punctuation`) removed, whitespace runs collapsed to one space, stripped;
   * it is encoded as "<unk>" + chunk with the "<unk>" pieces cut off (so SentencePiece's dummy prefix

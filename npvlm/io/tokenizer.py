@@ -102,7 +102,7 @@ class Tokenizer:
                 continue
             if key is not None:
                 ids.setdefault(key, i)
-            self._added[i] = (token, True)
+            self._added[i] = (self._added[i][0] if i in self._added else token, True)  # an added token keeps its text
             self._added_ids.setdefault(token, i)
         return ids
 

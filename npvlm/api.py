@@ -20,7 +20,8 @@ from .io.files import bad_number, read_json_object
 from .io.hub import looks_like_hub_id, resolve_model
 from .io.images import ImageProcessorConfig
 from .io.memory import check_generation, check_sizes
-from .io.scan import pack_naming_nonfinite, weights_error
+from .io.scan import checked_step, pack_naming_nonfinite, weights_error
+from .io.special_tokens import appended_note
 from .io.tokenizer import Tokenizer
 from .models.paligemma import forward, image_features, prefix_lm_masks
 from .models.paligemma_config import PaliGemmaConfig
@@ -88,7 +89,7 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
                           f"image_token_index {cfg.image_token_index}")
     if tok.vocab_size > cfg.text.vocab_size:
         raise ConfigError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                          f"{cfg.text.vocab_size}")
+                          f"{cfg.text.vocab_size}{appended_note(tok)}")
     processor = ImageProcessorConfig.from_dir(model_dir, cfg.vision.image_size)
     headers = read_headers(model_dir)
     schema = paligemma_schema(cfg)
@@ -107,17 +108,19 @@ def load(model_dir: str | None = None, backend="numpy", *, progress=None, mmap: 
     params = unflatten({k: v if isinstance(v, PackedWeight) else be.asarray(v) for k, v in flat.items()})
     be.synchronize()
     model = PaliGemmaModel(cfg, params, be, tok, processor, model_dir=model_dir, load_seconds=time.perf_counter() - t0)
-    model.stop_ids = model.stop_ids | _generation_eos(model_dir, cfg.text.vocab_size)
+    model.stop_ids = _generation_eos(model_dir, cfg.text.vocab_size, model.stop_ids)
     model.mapped_files = identities  # {path: (size, mtime_ns, inode)}: checked before each generation
     model.weights = weights
     return model
 
 
-def _generation_eos(model_dir, vocab_size: int) -> frozenset:
-    """The eos ids of generation_config.json (HF's generate stops at them too), or none."""
+def _generation_eos(model_dir, vocab_size: int, config_eos: frozenset) -> frozenset:
+    """The ids generation stops at, with HF's GenerationConfig precedence: generation_config.json's eos_token_id
+    when that file exists (none there: HF's generate then stops only at max_new_tokens), else config.json's.
+    The tokenizer's eos_token is not one of them (HF's generate does not read the tokenizer)."""
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.exists(path):
-        return frozenset()
+        return config_eos
     eos = read_json_object(path, ConfigError, limit=1 << 20).get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     for i in ids:
@@ -132,7 +135,7 @@ class PaliGemmaModel:
         self.config, self.params, self.backend, self.tokenizer = config, params, backend, tokenizer
         self.processor = processor  # image size, mean, std, ... from preprocessor_config.json
         self.model_dir, self.load_seconds = model_dir, load_seconds
-        self.stop_ids = frozenset(config.eos_token_ids) | {tokenizer.eos_id}  # generation ends at any of these
+        self.stop_ids = frozenset(config.eos_token_ids)  # generation ends at any of these (load: _generation_eos)
         self.mapped_files = {}  # {path: file_identity}: the files the parameters are views of
 
     def __repr__(self):
@@ -219,7 +222,8 @@ class PaliGemmaModel:
             check_generation(self.config, *batch.ids.shape, sampling.max_new_tokens)
         t0 = time.perf_counter()
         rgb = load_images(images, exif=exif)
-        feats = self.encode_images(rgb)  # [B, N, D]
+        with checked_step():  # the features reach the first step's logits, which generate_tokens checks
+            feats = self.encode_images(rgb)  # [B, N, D]
         self.backend.synchronize()
         stats = {"image_sizes": [im.size for im in rgb], "image_seconds": time.perf_counter() - t0}
         steps = generate_tokens(self.params, self.config, self.backend, batch, feats, sampling, self.stop_ids, stats, maps,

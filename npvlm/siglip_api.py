@@ -15,8 +15,9 @@ from .backends import get_backend
 from .errors import ConfigError, TokenizerError, show
 from .io.checkpoint import load_weights, unflatten
 from .io.images import ImageProcessorConfig
-from .io.scan import check_finite, weights_error
+from .io.scan import check_finite, checked_step, weights_error
 from .io.siglip_tokenizer import SiglipTokenizer
+from .io.special_tokens import appended_note
 from .io.tokenizer import as_text
 from .models import siglip as S
 from .models.paligemma_inputs import load_images, pixel_batch
@@ -38,7 +39,7 @@ def load(model_dir=None, backend="numpy", *, progress=None, mask_padding: bool =
     tok = SiglipTokenizer.from_dir(model_dir, max_length=cfg.text.max_position_embeddings)
     if tok.vocab_size > cfg.text.vocab_size:
         raise ConfigError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                          f"{cfg.text.vocab_size}")
+                          f"{cfg.text.vocab_size}{appended_note(tok)}")
     processor = ImageProcessorConfig.from_dir(model_dir, cfg.vision.image_size)
     flat = load_weights(model_dir, siglip_schema(cfg), progress=progress)
     params = unflatten({k: be.asarray(v) for k, v in flat.items()})
@@ -68,15 +69,17 @@ class SiglipModel:
 
     def _image_embeds(self, images, exif):  # -> device unit [B, D]
         rgb = load_images(images, exif=exif)
-        x = S.image_embeds(self.params, pixel_batch(rgb, self.processor, self.backend), cfg=self.config)
-        return check_finite(x, self._not_finite("the image embeddings"))  # NaN weights would give NaN scores
+        with checked_step():  # the check reports what numpy would only warn about
+            x = S.image_embeds(self.params, pixel_batch(rgb, self.processor, self.backend), cfg=self.config)
+            return check_finite(x, self._not_finite("the image embeddings"))  # NaN weights would give NaN scores
 
     def _text_embeds(self, texts):  # -> device unit [C, D]
         ids, mask = self.tokenizer(texts)  # padded to max_position_embeddings, as trained
         arr = self.backend.asarray(np.asarray(ids, dtype=np.int64))
         valid = self.backend.asarray(np.asarray(mask, dtype=bool)) if self.mask_padding else None
-        x = S.text_embeds(self.params, arr, cfg=self.config, valid=valid)
-        return check_finite(x, self._not_finite("the text embeddings"))
+        with checked_step():
+            x = S.text_embeds(self.params, arr, cfg=self.config, valid=valid)
+            return check_finite(x, self._not_finite("the text embeddings"))
 
     def embed_images(self, images, *, exif=True) -> np.ndarray:
         """Paths / PIL images / uint8 arrays -> host float32 unit vectors [B, D]."""
@@ -90,8 +93,10 @@ class SiglipModel:
     def logits(self, images, texts, *, exif=True) -> np.ndarray:
         """logits_per_image, host float32 [B, C] (HF `SiglipModel(...).logits_per_image`)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        out = S.logits_per_image(self.params, self._image_embeds(images, exif), self._text_embeds(_texts(texts)))
-        return self.backend.to_host(check_finite(out, self._not_finite("the logits")))  # exp(logit_scale) may overflow
+        feats, texts = self._image_embeds(images, exif), self._text_embeds(_texts(texts))
+        with checked_step():
+            out = check_finite(S.logits_per_image(self.params, feats, texts), self._not_finite("the logits"))
+        return self.backend.to_host(out)  # exp(logit_scale) may overflow: checked
 
     def classify(self, image, labels, *, softmax=False, template="{}", exif=True) -> dict[str, float]:
         """{label: probability}: sigmoid per label (SigLIP's own reading: each pair on its own), or a softmax

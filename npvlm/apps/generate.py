@@ -128,7 +128,7 @@ def run_batch(model, images, prompts, sampling, *, stream=False):
     from ..generation.generate import collect, finish_stats, stream_text
 
     steps, stats = model._run(images, prompts, sampling, False)  # EXIF already applied
-    rows, interrupted = [], False
+    rows, interrupted, ended, wrote = [], False, False, False
 
     def recorded():
         for step in steps:
@@ -138,19 +138,22 @@ def run_batch(model, images, prompts, sampling, *, stream=False):
     try:
         if stream:
             for piece in stream_text(recorded(), model.tokenizer, model.stop_ids, prompts[0], stats["image_sizes"][0], stats):
-                if isinstance(piece, str):
+                if isinstance(piece, str) and piece:
                     OUT.write(piece)
+                    wrote = True
         else:
             for _ in recorded():
                 pass
+        ended = True
     except KeyboardInterrupt:
         interrupted = True
         steps.close()  # the decode time is recorded on the way out
         if "prompt_tokens" not in stats:
             raise
+        ended = True
     finally:
-        if stream:
-            OUT.write("\n")  # the text so far ends with a newline, interrupted or not
+        if stream and (ended or wrote):  # the text so far ends with a newline, interrupted or not; a first step
+            OUT.write("\n")             # that failed (NaN weights) wrote nothing, and adds nothing to stdout
     results = collect(iter(rows), model.tokenizer, model.stop_ids, prompts, stats["image_sizes"], stats)
     if interrupted:
         for r in results:

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..io.scan import check_finite
+from ..io.scan import check_finite, checked_step
 from ..kv_cache import KVCache
 from ..models.paligemma import advance, decode_step, image_attention, prefill
 from .sampling import check_params, sample
@@ -86,9 +86,10 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
     rng = random.Random(sampling.seed)
     t0 = time.perf_counter()
     probs = None if maps is None else []
-    logits, state = prefill(params, prompt, feats, cache, cfg=cfg, probs_out=probs)
-    if not_finite is not None:
-        check_finite(logits, not_finite)  # [B, V]: one reduction, once
+    with checked_step(not_finite is not None):  # the check reports what numpy would only warn about
+        logits, state = prefill(params, prompt, feats, cache, cfg=cfg, probs_out=probs)
+        if not_finite is not None:
+            check_finite(logits, not_finite)  # [B, V]: one reduction, once
     _keep_maps(maps, probs, prompt, feats, backend)
     chosen = _pick(logits, sampling, rng)  # [B] on the device
     ids = [int(i) for i in backend.to_host(chosen)]  # reading it back waits for the device

@@ -4,13 +4,17 @@
 What SiglipTokenizer does on top of the raw SentencePiece model (transformers 5
 `tokenization_siglip.py`), and npvlm copies:
   * "\u2581" is prefixed to the text (and any "\u2581" in it becomes a space);
-  * the special tokens' strings ("</s>", "<unk>", "<pad>") written in the text are matched first and
-    become single ids, the whitespace around them stripped (AddedToken lstrip/rstrip);
+  * the special tokens' strings (eos / unk / pad, "</s>" "<unk>" "</s>" unless tokenizer_config.json or
+    special_tokens_map.json rename them, with HF's precedence: npvlm/io/special_tokens.py; and the extra ones
+    those files list; and tokenizer_config.json's added_tokens_decoder entries) written in the text are matched
+    first and become single ids, the whitespace around them stripped (AddedToken lstrip/rstrip); a special one the
+    SentencePiece model lacks gets the next new id, as HF appends it;
   * each remaining chunk is canonicalised: lower-cased (`do_lower_case`, default true), ASCII
     punctuation (`string.punctuation`) removed, whitespace runs collapsed to one space, stripped;
   * it is encoded as "<unk>" + chunk with the "<unk>" pieces cut off (so SentencePiece's dummy prefix
     does not apply), and a leading lone "\u2581" before a special token is dropped;
-  * "</s>" is appended unless already last; truncation keeps max_length - 1 ids then "</s>";
+  * "</s>" is appended unless already last; truncation keeps the first max_length - 1 ids of text, then
+    "</s>" unless they already end in one (HF reserves the room whether or not it adds it);
   * padding to max_length (`model_max_length`, default 64) with the pad token ("</s>" by default).
 """
 
@@ -20,14 +24,15 @@ import os
 import re
 import string
 
-from ..errors import TokenizerError, show
-from .files import read_json_object
+from ..errors import TokenizerError
+from .special_tokens import SpecialTokens, read_added_tokens, read_special_tokens
 from .tokenizer import as_text
 from .tokenizer_engines import read_tokenizer_file
 from .spm_proto import modelproto_problem
 
 SPIECE_UNDERLINE = "\u2581"
 _PUNCT = str.maketrans("", "", string.punctuation)
+SIGLIP_DEFAULTS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}  # SiglipTokenizer's
 
 
 def canonicalize_text(text: str, lower: bool = True) -> str:
@@ -41,20 +46,31 @@ class SiglipTokenizer:
     """Build with `SiglipTokenizer.from_dir(model_dir)` (spiece.model + tokenizer_config.json)."""
 
     def __init__(self, sp, path: str, *, max_length: int = 64, do_lower_case: bool = True,
-                 eos_token: str = "</s>", pad_token: str = "</s>", unk_token: str = "<unk>"):
+                 eos_token: str = "</s>", pad_token: str = "</s>", unk_token: str = "<unk>",
+                 special: SpecialTokens | None = None, added: dict | None = None):
         self.sp, self.path, self.max_length, self.do_lower_case = sp, path, int(max_length), bool(do_lower_case)
-        self.vocab_size = sp.get_piece_size()
-        ids = {}
-        for name, tok in (("eos_token", eos_token), ("pad_token", pad_token), ("unk_token", unk_token)):
-            i = sp.piece_to_id(tok)
-            if not (0 <= i < self.vocab_size and sp.id_to_piece(i) == tok):
-                raise TokenizerError(f"{path}: {name} {show(tok)} is not a piece of the SentencePiece model")
-            ids[name] = i
-        self.eos_id, self.pad_id, self.unk_id = ids["eos_token"], ids["pad_token"], ids["unk_token"]
-        self.unk_token = unk_token
-        self.special = {eos_token: self.eos_id, pad_token: self.pad_id, unk_token: self.unk_id}
-        self._split = re.compile(r"\s*(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + r")\s*")
-        self._unk_len = len(sp.encode(unk_token, out_type=str))
+        st = special or SpecialTokens({"eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token})
+        for key in SIGLIP_DEFAULTS:
+            if key not in st.named:
+                raise TokenizerError(f"{st.where(key)}: is null, but SigLIP's tokenizer cannot do without this token")
+        # text -> id of what is matched whole in the text: added tokens (added_tokens_decoder), then the special ones
+        self._matched = {t: i for i, (t, _) in sorted((added or {}).items(), reverse=True) if t}
+        self.vocab_size = max([sp.get_piece_size()] + [i + 1 for i in (added or {})])
+        self.special: dict[str, int] = {}  # token -> id: named ones, then extra ones (HF's order for new ids)
+        self.appended: list[tuple[str, str, int]] = []  # (where, token, new id)
+        for key, tok in list(st.named.items()) + [("extra_special_tokens", t) for t in st.extra]:
+            i = self._matched.get(tok, sp.piece_to_id(tok))
+            if tok not in self._matched and not (0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == tok):
+                i = self.vocab_size  # HF appends a special token the model lacks
+                self.vocab_size += 1
+                self.appended.append((st.where(key), tok, i))
+            self.special.setdefault(tok, i)
+            self._matched.setdefault(tok, i)
+        self.unk_token = st.named["unk_token"]
+        self.eos_id, self.pad_id, self.unk_id = (self.special[st.named[k]] for k in ("eos_token", "pad_token", "unk_token"))
+        alts = sorted(self._matched, key=len, reverse=True)  # longest first = leftmost-longest match
+        self._split = re.compile(r"\s*(" + "|".join(re.escape(t) for t in alts) + r")\s*")
+        self._unk_len = len(sp.encode(self.unk_token, out_type=str))
         if self.max_length < 1:
             raise TokenizerError(f"{path}: model_max_length must be >= 1, got {self.max_length}")
 
@@ -63,6 +79,7 @@ class SiglipTokenizer:
         path = os.path.join(os.fspath(model_dir), "spiece.model")
         if not os.path.isfile(path):
             raise TokenizerError(f"{path}: not found (a SigLIP model folder holds a SentencePiece spiece.model)")
+        st = read_special_tokens(os.fspath(model_dir), SIGLIP_DEFAULTS, sentencepiece_only=False)
         data = read_tokenizer_file(path, "SentencePiece model")
         problem = modelproto_problem(data)
         if problem:
@@ -75,23 +92,15 @@ class SiglipTokenizer:
             sp = spm.SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"{path}: not a usable SentencePiece model ({str(e).strip()[:200] or type(e).__name__})") from None
-        kw = {}
-        cfg_path = os.path.join(os.fspath(model_dir), "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            d = read_json_object(cfg_path, TokenizerError, limit=64 << 20)
-            for key in ("eos_token", "pad_token", "unk_token"):
-                v = d.get(key)
-                v = v.get("content") if isinstance(v, dict) else v
-                if isinstance(v, str):
-                    kw[key] = v
-            if isinstance(d.get("do_lower_case"), bool):
-                kw["do_lower_case"] = d["do_lower_case"]
-            ml = d.get("model_max_length")
-            if isinstance(ml, int) and not isinstance(ml, bool) and 0 < ml <= 1 << 20:
-                kw["max_length"] = ml
+        kw, d = {}, st.settings  # tokenizer_config.json, with special_tokens_map.json's keys over it when HF reads that
+        if isinstance(d.get("do_lower_case"), bool):
+            kw["do_lower_case"] = d["do_lower_case"]
+        ml = d.get("model_max_length")
+        if isinstance(ml, int) and not isinstance(ml, bool) and 0 < ml <= 1 << 20:
+            kw["max_length"] = ml
         if max_length is not None:
             kw["max_length"] = max_length
-        return cls(sp, path, **kw)
+        return cls(sp, path, special=st, added=read_added_tokens(os.fspath(model_dir), st), **kw)
 
     def _pieces(self, chunk: str) -> list[str]:  # HF `_tokenize`
         chunk = canonicalize_text(chunk, self.do_lower_case)
@@ -104,16 +113,19 @@ class SiglipTokenizer:
         out = []
         for k, part in enumerate(self._split.split(text)):
             if k % 2:
-                out.append(part)  # a special token written in the text
+                out.append(part)  # a special (or added) token written in the text
             elif part:
                 out.extend(self._pieces(part))
         if len(out) > 1 and out[0] == SPIECE_UNDERLINE and out[1] in self.special:
             out = out[1:]
         return out
 
+    def _text_ids(self, text) -> list[int]:
+        return [self._matched[p] if p in self._matched else self.sp.piece_to_id(p) for p in self.tokenize(text)]
+
     def encode(self, text) -> list[int]:
-        """Ids with "</s>" appended, neither truncated nor padded."""
-        ids = [self.special[p] if p in self.special else self.sp.piece_to_id(p) for p in self.tokenize(text)]
+        """Ids with "</s>" appended (unless already last), neither truncated nor padded."""
+        ids = self._text_ids(text)
         return ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id]
 
     def __call__(self, texts, max_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
@@ -123,11 +135,11 @@ class SiglipTokenizer:
             texts = [texts]
         ids, mask = [], []
         for t in texts:
-            row = self.encode(t)
-            if len(row) > L:
-                # HF truncates the text to L - 1 ids and then appends "</s>" (an input already ending
-                # in "</s>" keeps its first L ids of text + that "</s>" the same way)
-                row = row[: L - 1] + [self.eos_id] if L > 1 else row[:L]
+            row = self._text_ids(t)
+            if len(row) + 1 > L:  # HF keeps room for the one "</s>" it adds: the text's first L - 1 ids...
+                row = row[: L - 1]
+            if not row or row[-1] != self.eos_id:  # ...then "</s>", unless they already end in one
+                row = row + [self.eos_id]
             ids.append(row + [self.pad_id] * (L - len(row)))
             mask.append([1] * len(row) + [0] * (L - len(row)))
         return ids, mask

@@ -53,3 +53,35 @@ def _varint(data: bytes, pos: int):
             return value, pos
         shift += 7
     return None, pos
+
+
+def user_defined_ids(data: bytes) -> frozenset:
+    """Ids of the USER_DEFINED pieces (type 4: "<loc0000>", "\\n", ...) of a ModelProto that passed
+    `modelproto_problem`. HF's converter makes these (and the CONTROL ones) added tokens, which keep their own
+    flags when a file lists them again as extra special tokens; the sentencepiece library does not expose the type."""
+    out, pos, k, n = set(), 0, 0, len(data)
+    while pos < n:
+        tag, pos = _varint(data, pos)
+        length, pos = _varint(data, pos)
+        if tag is None or length is None:
+            break
+        if tag >> 3 == 1:  # one SentencePiece {piece = 1; score = 2; type = 3}
+            end, p = pos + length, pos
+            while p < end:
+                t, p = _varint(data, p)
+                if t is None:
+                    break
+                if t & 7 == 0:
+                    v, p = _varint(data, p)
+                    if t >> 3 == 3 and v == 4:
+                        out.add(k)
+                elif t & 7 == 2:
+                    ln, p = _varint(data, p)
+                    p += ln or 0
+                elif t & 7 == 5:
+                    p += 4
+                else:
+                    break
+            k += 1
+        pos += length
+    return frozenset(out)

@@ -5,11 +5,15 @@ Two file formats, tried in this order (SPEC.md §8, FIELD-NOTES.md §3.3):
   tokenizer.json   an HF `tokenizers` file (PaliGemma 2 repos ship only this), read by `tokenizers`.
 
 What HF does on top of the raw model, and npvlm copies:
-  * special tokens written in the text ("<bos>", "<eos>", "<pad>", "<unk>", "<image>", other added
-    tokens) are matched first, leftmost-longest, and become single ids; SentencePiece alone would spell
-    "<bos>" out as characters. "<locNNNN>"/"<segNNN>" and "\\n" are user-defined pieces in both.
-  * `decode(skip_special_tokens=True)` drops control tokens, "<unk>", "<mask>", added tokens flagged
-    special and "<image>" (the processor makes it special); "<locNNNN>"/"<segNNN>" stay as text. Runs
+  * the special tokens: the named ones (bos / eos / unk / pad / mask ..., GemmaTokenizer's <bos> <eos> <unk>
+    <pad> <mask> unless tokenizer_config.json or special_tokens_map.json rename them, with HF's precedence:
+    npvlm/io/special_tokens.py), the extra ones those files list, control pieces, added tokens flagged special
+    and "<image>" (the processor makes it special). A named or extra token the vocabulary lacks gets the next
+    new id, as HF appends it (not the class's default <mask>: small tokenizers without one spell it out).
+  * special tokens and other added tokens written in the text are matched first, leftmost-longest, and become
+    single ids; SentencePiece alone would spell "<bos>" out as characters. "<locNNNN>"/"<segNNN>" and "\\n" are
+    user-defined pieces in both.
+  * `decode(skip_special_tokens=True)` drops the special tokens; "<locNNNN>"/"<segNNN>" stay as text. Runs
     of byte-fallback pieces that are not valid UTF-8 become one U+FFFD *per byte* (HF's ByteFallback),
     and ids outside the vocabulary are skipped, as HF does.
 The prompt's layout ("<image>"*N <bos> prompt "\\n" [suffix <eos>]) is the model's business:
@@ -23,19 +27,27 @@ import re
 import warnings
 
 from ..errors import TokenizerError
-from .files import read_json_object
-from .memory import MAX_ADDED_TOKENS
+from .special_tokens import SpecialTokens, read_added_tokens, read_special_tokens
 from .tokenizer_engines import _HFTokenizers, _SentencePiece
+
 IMAGE_TOKEN = "<image>"
-_HF_NAMED_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # GemmaTokenizer's own special tokens
+GEMMA_DEFAULTS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+                  "mask_token": "<mask>"}  # GemmaTokenizer's named special tokens
 
 
 class Tokenizer:
     """A loaded tokenizer; build it with `Tokenizer.from_dir(model_dir)`."""
 
-    def __init__(self, backend, path: str, added: dict[int, tuple[str, bool]], image_token_id: int | None = None):
+    def __init__(self, backend, path: str, added: dict[int, tuple[str, bool]], image_token_id: int | None = None,
+                 special: SpecialTokens | None = None):
         self._b = backend  # _SentencePiece or _HFTokenizers
         self.path = path
+        special = special or SpecialTokens(dict(GEMMA_DEFAULTS), frozenset(GEMMA_DEFAULTS))
+        # the pieces HF holds as added tokens (-> their special flag), and the ones it matches in text for the library
+        own, own_split, own_special = backend.added_flags, backend.split_tokens, backend.special_ids
+        if not special.spm_pieces_added and isinstance(backend, _SentencePiece):
+            own, own_split, own_special = {}, {}, frozenset()
+        self._own = own
         # added tokens (from tokenizer_config.json / added_tokens.json / the caller): id -> (text, special)
         self._added = dict(added)
         self._added_ids = {t: i for i, (t, _) in sorted(self._added.items(), reverse=True)}  # first id wins
@@ -53,24 +65,46 @@ class Tokenizer:
                 image_id = image_token_id
         self.image_id: int | None = image_id
         self.vocab_size: int = max([backend.size] + [i + 1 for i in self._added])
-        self.bos_id = self._named_id("<bos>", backend.bos_id)
-        self.eos_id = self._named_id("<eos>", backend.eos_id)
+        self.appended: list[tuple[str, str, int]] = []  # (where, token, new id): named tokens HF appends
+        named = self._special_tokens(special)
+        self.bos_id = named.get("bos_token", backend.bos_id)
+        self.eos_id = named.get("eos_token", backend.eos_id)
         if self.bos_id is None or self.eos_id is None:
             raise TokenizerError(f"{path}: no <bos>/<eos> token; not a Gemma/PaliGemma tokenizer")
         # what decode(skip_special_tokens=True) drops
-        special = set(backend.special_ids) | {i for i, (_, sp) in self._added.items() if sp}
-        special |= {i for i in (self.piece_to_id(t) for t in _HF_NAMED_SPECIAL) if i is not None}
+        drop = set(own_special) | {i for i, (_, sp) in self._added.items() if sp}
         if image_id is not None:
-            special.add(image_id)
-        self._special = frozenset(special)
+            drop.add(image_id)
+        self._special = frozenset(drop)
         # what encode matches in the raw text before the model sees it (HF's added-token split)
         # (a tokenizer.json's own added tokens are matched by the library, with their own flags)
         # (an empty one is matched nowhere, as HF ignores it: an empty alternative would split every character)
-        split = {t: i for t, i in self._added_ids.items() if t and (backend.split_added or backend.piece_id(t) is None)}
-        split.update(backend.split_tokens)
+        split = {t: i for t, i in self._added_ids.items() if t and (backend.split_added or t not in own)}
+        split.update(own_split)
         self._split_ids = split
         alts = sorted(split, key=len, reverse=True)  # longest first = leftmost-longest match
         self._split_re = re.compile("|".join(re.escape(t) for t in alts)) if alts else None
+
+    def _special_tokens(self, st: SpecialTokens) -> dict[str, int]:
+        """Make the named and extra special tokens special, appending the ones the vocabulary lacks as HF does
+        (in its order: named, then extra); return the named ones' ids. An extra token that already is an added
+        token (a user-defined piece such as "<loc0001>", an added_tokens_decoder entry) keeps its own flag."""
+        ids = {}
+        for key, token in list(st.named.items()) + [(None, t) for t in st.extra]:
+            i = self.piece_to_id(token)
+            if i is None and key in st.defaults:
+                continue  # the class's default, absent here (<mask>): spelled out, not a new id
+            if i is None:
+                i = self.vocab_size
+                self.vocab_size += 1
+                self.appended.append((st.where(key or "extra_special_tokens"), token, i))
+            elif key is None and (i in self._added or token in self._own):
+                continue
+            if key is not None:
+                ids.setdefault(key, i)
+            self._added[i] = (self._added[i][0] if i in self._added else token, True)  # an added token keeps its text
+            self._added_ids.setdefault(token, i)
+        return ids
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -79,25 +113,28 @@ class Tokenizer:
 
         `image_token_id` (the config's `image_token_index`) registers "<image>" when the tokenizer file
         lacks it (big_vision's tokenizer.model has no "<image>"; HF appends it at id 257152) and is
-        checked against the file when it has one.
+        checked against the file when it has one. The special tokens are tokenizer_config.json's and
+        special_tokens_map.json's, with HF's precedence (npvlm/io/special_tokens.py).
         """
         model_dir = os.fspath(model_dir)
         if not os.path.isdir(model_dir):
             raise TokenizerError(f"{model_dir}: not a directory")
         sp_path = os.path.join(model_dir, "tokenizer.model")
         js_path = os.path.join(model_dir, "tokenizer.json")
-        added = _read_added_tokens(model_dir)
+        # HF reads tokenizer.json when there is one (npvlm prefers tokenizer.model: the same ids, no conversion)
+        st = read_special_tokens(model_dir, GEMMA_DEFAULTS, sentencepiece_only=not os.path.isfile(js_path))
+        added = read_added_tokens(model_dir, st)
         sp_error = None
         if os.path.isfile(sp_path):
             try:
-                return cls(_SentencePiece.load(sp_path), sp_path, added, image_token_id)
+                return cls(_SentencePiece.load(sp_path), sp_path, added, image_token_id, st)
             except TokenizerError as e:
                 if not os.path.isfile(js_path):
                     raise
                 sp_error = str(e)
         if os.path.isfile(js_path):
             try:
-                tok = cls(_HFTokenizers.load(js_path), js_path, added, image_token_id)
+                tok = cls(_HFTokenizers.load(js_path), js_path, added, image_token_id, st)
             except TokenizerError as e:
                 raise TokenizerError(f"{sp_error}; {e}" if sp_error else str(e)) from None
             if sp_error:
@@ -118,10 +155,6 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int | None:
         i = self._added_ids.get(piece)
         return i if i is not None else self._b.piece_id(piece)
-
-    def _named_id(self, name, default):
-        i = self.piece_to_id(name)
-        return i if i is not None else default
 
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text) -> list[int]:
@@ -165,25 +198,3 @@ def as_text(text, what: str) -> str:
     except UnicodeEncodeError as e:
         raise TokenizerError(f"{what} is not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at offset {e.start})") from None
     return text
-
-
-def _read_added_tokens(model_dir: str) -> dict[int, tuple[str, bool]]:
-    """Added tokens HF would read beside the model: tokenizer_config.json's added_tokens_decoder, added_tokens.json."""
-    added = {}
-    for name in ("added_tokens.json", "tokenizer_config.json"):
-        path = os.path.join(model_dir, name)
-        if not os.path.exists(path):
-            continue
-        d = read_json_object(path, TokenizerError, limit=16 << 20)
-        table = d if name == "added_tokens.json" else d.get("added_tokens_decoder") or {}
-        if hasattr(table, "__len__") and len(table) > MAX_ADDED_TOKENS:  # counted before anything is built from it
-            raise TokenizerError(f"{path}: lists {len(table)} added tokens, more than npvlm supports ({MAX_ADDED_TOKENS})")
-        try:
-            if name == "added_tokens.json":
-                added.update({int(i): (str(t), t == IMAGE_TOKEN) for t, i in d.items()})
-            else:
-                for i, v in (d.get("added_tokens_decoder") or {}).items():
-                    added[int(i)] = (str(v["content"]), bool(v.get("special", False)))
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise TokenizerError(f"{path}: malformed added tokens ({e!r})") from None
-    return added

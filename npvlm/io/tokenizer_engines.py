@@ -5,7 +5,8 @@
     _HFTokenizers    tokenizer.json (an HF `tokenizers` file) through the `tokenizers` library
 
 Each has: size, bos_id / eos_id (None: found by name), special_ids, split_tokens (pieces HF matches in text
-that the library would spell out), split_added, and piece(i), piece_id(piece), encode(text), decode(ids, added).
+that the library would spell out), split_added, added_flags (the pieces HF holds as added tokens -> their special
+flag), and piece(i), piece_id(piece), encode(text), decode(ids, added).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 
 from ..errors import TokenizerError
 from .files import read_bytes
-from .spm_proto import modelproto_problem
+from .spm_proto import modelproto_problem, user_defined_ids
 
 _MAX_FILE = 1 << 30  # refuse to read a "tokenizer" over 1 GiB
 
@@ -44,14 +45,17 @@ def read_tokenizer_file(path: str, what: str) -> bytes:
 class _SentencePiece:
     """tokenizer.model through the `sentencepiece` library."""
 
-    def __init__(self, sp, path):
+    def __init__(self, sp, path, user_defined=frozenset()):
         self.sp, self.path, self.size = sp, path, sp.get_piece_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        ctrl = [i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)]
+        # HF's converter makes the CONTROL pieces special added tokens and the USER_DEFINED ones plain added tokens;
+        # the UNKNOWN piece is special only as the named unk_token (npvlm/io/special_tokens.py)
+        ctrl = [i for i in range(self.size) if sp.is_control(i)]
         self.special_ids = frozenset(ctrl)
         self.split_tokens = {sp.id_to_piece(i): i for i in ctrl}  # HF matches these in text; SentencePiece does not
         self.split_added = True  # HF matches tokenizer_config.json's added tokens in text too
+        self.added_flags = {sp.id_to_piece(i): False for i in user_defined if i < self.size} | dict.fromkeys(self.split_tokens, True)
         self._byte = {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.size) if sp.is_byte(i)}
 
     @classmethod
@@ -71,7 +75,7 @@ class _SentencePiece:
             raise TokenizerError(f"{path}: not a usable SentencePiece model ({msg})") from None
         if sp.get_piece_size() == 0:
             raise TokenizerError(f"{path}: SentencePiece model has no pieces")
-        return cls(sp, path)
+        return cls(sp, path, user_defined_ids(data))
 
     def piece(self, i):
         return self.sp.id_to_piece(i)
@@ -102,7 +106,9 @@ class _HFTokenizers:
         self.tk, self.path = tk, path
         self.size = tk.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.eos_id = None  # found by name
-        self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
+        added = tk.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self.added_flags = {t.content: t.special for t in added.values()}
         self.split_tokens = {}  # the library matches its added tokens itself
         self.split_added = False
 

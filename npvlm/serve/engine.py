@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointError, NpvlmError
 from ..generation.sampling import sample
-from ..io.scan import check_finite
+from ..io.scan import check_finite, checked_step
 from ..kv_cache import KVCache
 from ..models.paligemma import DecodeState, decode_step, image_attention, prefill
 
@@ -162,13 +162,14 @@ class Engine:
     def _admit(self, row: int, req: Request):
         m, cfg = self.model, self.cfg
         t0 = time.perf_counter()
-        feats = m.encode_images([req.rgb])  # [1, N, D]
         T = req.batch.ids.shape[1]
         t = cfg.text
         own = KVCache(self.cache.k[0], t.num_hidden_layers, 1, t.num_key_value_heads, T, t.head_dim)
         probs = [] if req.attention else None
-        logits, _ = prefill(m.params, req.batch, feats, own, cfg=cfg, probs_out=probs)  # [1, V]
-        check_finite(logits, m.not_finite("the first step's logits"))  # NaN / Inf weights: a 500 naming the tensor
+        with checked_step():  # the check reports what numpy would only warn about
+            feats = m.encode_images([req.rgb])  # [1, N, D]
+            logits, _ = prefill(m.params, req.batch, feats, own, cfg=cfg, probs_out=probs)  # [1, V]
+            check_finite(logits, m.not_finite("the first step's logits"))  # NaN / Inf weights: a 500 naming the tensor
         amap = None if probs is None else self.backend.to_host(image_attention(probs, req.batch.image_slot,
                                                                                feats.shape[1]))[0]  # [L, N]
         tok = int(self.backend.to_host(self._pick(logits, [req]))[0])

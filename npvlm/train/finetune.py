@@ -9,8 +9,8 @@ is `npvlm finetune` (npvlm/apps/finetune.py) without the parser. Its pieces, for
     read_rows(path, fields)          [(line number, row)], every row checked before any training
     rows_at(rows, step, B)           the B rows of a step: file order, B at a time, wrapping round
     train(task, sel, opt, rows, steps=, batch_size=, seed=, on_step=)   -> (trained arrays, optimiser state)
-    write_folder(out_dir, write, overwrite=)   write(tmp) into a fresh folder beside out_dir, then rename:
-                                     an error or Ctrl-C leaves out_dir complete or absent, never half written
+    folder.write_folder(out_dir, write, overwrite=)   write(tmp) into a fresh folder beside out_dir, then
+                                     rename: an error or Ctrl-C leaves out_dir complete or absent
 
 A model family plugs in as a *task*, picked by config.json's model_type (TASKS):
 
@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import sys
 import time
 
 from ..errors import ConfigError, NpvlmError, show, show_path
+from .folder import check_out_dir, write_folder, write_json
 from .optim import OPTIMIZERS, SELECTIONS, select
 
 DEFAULT_LR = {"sgd": 0.03, "adamw": 2e-5}
@@ -165,77 +164,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# The output folder
-
-
-def check_out_dir(out_dir, overwrite: bool, model_dir=None) -> None:
-    """Refuse, before any work, an OUT_DIR that could not be written or would clobber something."""
-    out = os.path.abspath(out_dir)
-    parent = os.path.dirname(out)
-    if model_dir is not None and os.path.exists(out) and os.path.samefile(out, model_dir):
-        raise ConfigError(f"{show_path(out_dir)}: --out is the model folder itself; choose another folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"{show_path(out_dir)}: --out exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"{show_path(out_dir)}: --out exists and is not empty (pass --overwrite to replace it)")
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{show_path(out_dir)}: --out: the folder {show_path(parent)} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{show_path(out_dir)}: --out: the folder {show_path(parent)} is not writable")
-
-
-def write_folder(out_dir, write, *, overwrite: bool = False) -> str:
-    """Run write(tmp) on a new folder beside out_dir, then rename it to out_dir (replacing an empty one, or
-    with overwrite a full one). Any exception, KeyboardInterrupt included, removes the temporary folder."""
-    out = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{secrets.token_hex(4)}")
-    os.mkdir(tmp)  # mode 0o777 less the umask, as any folder the user makes
-    old = None
-    try:
-        write(tmp)
-        mode = 0o666 & ~_umask()
-        for name in os.listdir(tmp):  # some writers (safetensors) make their files private: as any file instead
-            os.chmod(os.path.join(tmp, name), mode)
-        if os.path.isdir(out) and os.listdir(out):
-            if not overwrite:
-                raise ConfigError(f"{show_path(out_dir)}: --out was filled while training (pass --overwrite)")
-            old = tmp + ".old"
-            os.rename(out, old)
-        elif os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None and not os.path.exists(out):
-            os.rename(old, out)  # put the replaced folder back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(path, obj) -> None:
-    tmp = f"{path}.partial-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
 # All of it
 
 
@@ -280,7 +208,7 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
                "lora_rank": lora_rank if lora else None, "lora_alpha": lora_alpha if lora else None,
                "seed": seed, "rows": len(rows), "loss": getattr(task, "loss", None), "curve": meter.curve}
     if json_path is not None:
-        _write_json(json_path, summary)
+        write_json(json_path, summary, indent=1)
     if save_adapter:
         write_folder(out_dir, lambda tmp: task.save_adapter(tmp, sel, trained), overwrite=overwrite)
     else:

@@ -1,7 +1,8 @@
 """`npvlm finetune`: train a model folder on a JSONL of examples and write the trained folder.
 
     npvlm finetune --model DIR --data train.jsonl --out OUT_DIR [--steps N] [--batch-size B] [--lr LR]
-                   [--optimizer sgd|adamw] [--train attention|all|lora] [--lora-rank R] [--lora-alpha A]
+                   [--optimizer sgd|adamw] [--weight-decay WD] [--lr-schedule constant|cosine|linear]
+                   [--warmup-steps W] [--train attention|all|lora] [--lora-rank R] [--lora-alpha A] [--loss sigmoid|clip]
                    [--save-adapter] [--seed S] [--json FILE] [--overwrite] [--backend numpy|cupy|array_api_strict]
 
 A PaliGemma row is {"image": "path relative to the JSONL file", "prefix": "caption en", "suffix": "a cat"}.
@@ -10,6 +11,7 @@ The loop, the data checks and the folder written are npvlm/train/finetune.py's; 
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from .cli import Once, _threads, default_threads
@@ -17,6 +19,16 @@ from .cli import Once, _threads, default_threads
 
 def _positive_int(text: str) -> int:
     return _threads(text)  # an integer >= 1, with argparse's one-line message otherwise
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
 
 
 def add_parser(sub):
@@ -36,8 +48,16 @@ def add_parser(sub):
                    help="sgd: plain (no momentum, no weight decay); adamw: torch's defaults (betas 0.9/0.999, "
                         "eps 1e-8, weight decay 0.01). Default sgd")
     p.add_argument("--lr", type=float, default=None, action=Once,
-                   help="learning rate, constant (default: 0.03 for sgd, as big_vision's PaliGemma colab; 2e-5 for "
-                        "adamw, as HF's PaliGemma fine-tuning guide)")
+                   help="learning rate, the peak of --lr-schedule (default: 0.03 for sgd, as big_vision's PaliGemma "
+                        "colab; 2e-5 for adamw, as HF's PaliGemma fine-tuning guide)")
+    p.add_argument("--weight-decay", type=float, default=None, action=Once, metavar="WD",
+                   help="AdamW's decoupled weight decay: each step p <- p (1 - lr WD) (default 0.01, torch's; applied "
+                        "to every trained tensor, biases and norms included, as torch.optim.AdamW). Not for sgd")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant", action=Once,
+                   help="the lr of each step, as HF transformers' get_constant/cosine/linear_schedule_with_warmup: "
+                        "constant (default), cosine (a half cosine from --lr down to 0) or linear (straight down to 0)")
+    p.add_argument("--warmup-steps", type=_count, default=0, action=Once, metavar="W",
+                   help="the first W steps ramp the lr linearly from 0 (step 0) up to --lr, as HF's (default 0)")
     p.add_argument("--train", choices=("attention", "all", "lora"), default="attention", action=Once,
                    help="attention: the decoder's q/k/v/o projections only (big_vision's colab; default); all: every "
                         "parameter; lora: low-rank adapters on the decoder's q/k/v/o/gate/up/down projections, merged "
@@ -76,8 +96,11 @@ def run(args) -> int:
     summary = finetune(model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, trainable=args.train, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, save_adapter=args.save_adapter, seed=args.seed,
-                       json_path=args.json, overwrite=args.overwrite, backend=backend, loss=args.loss)
+                       json_path=args.json, overwrite=args.overwrite, backend=backend, loss=args.loss,
+                       weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
     last = summary["curve"][-1]
-    print(f"wrote {args.out} ({summary['steps']} steps, {args.train}, {args.optimizer} lr {summary['lr']:g}; "
+    schedule = "" if args.lr_schedule == "constant" else f" {args.lr_schedule}"
+    schedule += f", {args.warmup_steps} warm-up steps" if args.warmup_steps else ""
+    print(f"wrote {args.out} ({summary['steps']} steps, {args.train}, {args.optimizer} lr {summary['lr']:g}{schedule}; "
           f"last loss {last['loss']:.4f})")
     return 0

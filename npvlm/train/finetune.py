@@ -2,15 +2,17 @@
 
     finetune(model_dir, data, out_dir, steps=100, batch_size=4, lr=None, optimizer="sgd", trainable="attention",
              lora_rank=8, lora_alpha=8.0, save_adapter=False, seed=0, json_path=None, overwrite=False,
-             backend="numpy", progress=True) -> {"curve": [...], "out": out_dir, ...}
+             backend="numpy", progress=True, loss=None, weight_decay=None, lr_schedule="constant",
+             warmup_steps=0) -> {"curve": [...], "out": out_dir, ...}
 
 is `npvlm finetune` (npvlm/apps/finetune.py) without the parser. Its pieces, for a caller with its own loop:
 
     read_rows(path, fields)          [(line number, row)], every row checked before any training
     rows_at(rows, step, B)           the B rows of a step: file order, B at a time, wrapping round
-    train(task, sel, opt, rows, steps=, batch_size=, seed=, on_step=)   -> (trained arrays, optimiser state)
-    write_folder(out_dir, write, overwrite=)   write(tmp) into a fresh folder beside out_dir, then rename:
-                                     an error or Ctrl-C leaves out_dir complete or absent, never half written
+    train(task, sel, opt, rows, steps=, batch_size=, seed=, on_step=, lr_schedule=, warmup_steps=)
+                                     -> (trained arrays, optimiser state); step t's lr is schedule.lr_at(t)
+    folder.write_folder(out_dir, write, overwrite=)   write(tmp) into a fresh folder beside out_dir, then
+                                     rename: an error or Ctrl-C leaves out_dir complete or absent
 
 A model family plugs in as a *task*, picked by config.json's model_type (TASKS):
 
@@ -20,22 +22,28 @@ A model family plugs in as a *task*, picked by config.json's model_type (TASKS):
     task.batch(rows)                 the rows -> one batch on the backend
     task.loss_and_grads(params, batch, wanted) -> (loss scalar, {name: grad}) holding at least `wanted`
     task.save(folder, params)        a model folder HF and npvlm.load read; task.save_adapter(folder, sel, train)
+                                     PEFT's adapter folder (both written with folder.py's write_model / write_adapter)
+    task.select(kind, flat, rank=, alpha=)   optional: the task's own --train selections (default optim.select,
+                                     which knows PaliGemma's decoder names)
+    task.losses, task.loss           optional: the --loss choices, the first the default (SigLIP's sigmoid / clip)
 
-Learning rates by default (constant, no schedule or warm-up): SGD 0.03, as big_vision's PaliGemma colab
-(attention only, plain SGD); AdamW 2e-5, as HF's PaliGemma fine-tuning guide.
+Learning rates by default: SGD 0.03, as big_vision's PaliGemma colab (attention only, plain SGD); AdamW 2e-5,
+as HF's PaliGemma fine-tuning guide, with torch's weight decay 0.01 (decoupled: p <- p (1 - lr wd) each step).
+The lr is constant unless lr_schedule is "cosine" or "linear" and/or warmup_steps > 0 (schedule.py, HF's
+get_*_schedule_with_warmup step for step); the given lr is then the peak.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import sys
 import time
 
 from ..errors import ConfigError, NpvlmError, show, show_path
-from .optim import OPTIMIZERS, SELECTIONS, select
+from .folder import check_out_dir, write_folder, write_json
+from .optim import OPTIMIZERS, SELECTIONS, adamw, select, sgd
+from .schedule import SCHEDULES, lr_at
 
 DEFAULT_LR = {"sgd": 0.03, "adamw": 2e-5}
 MAX_LINE_BYTES = 1 << 20
@@ -115,27 +123,32 @@ def rows_at(rows: list, step: int, batch_size: int) -> list:
 # The loop
 
 
-def train(task, sel, opt, rows, *, steps: int, batch_size: int, seed: int = 0, on_step=None):
+def train(task, sel, opt, rows, *, steps: int, batch_size: int, seed: int = 0, on_step=None,
+          lr_schedule: str = "constant", warmup_steps: int = 0):
     """`steps` optimiser steps over `rows` (dicts) -> (the trained arrays of `sel`, the optimiser state).
-    on_step(step, loss float) is called after each step (step counts from 1)."""
+    Step t (from 0) uses the lr schedule.lr_at(lr_schedule, t, opt.lr, ...) gives: opt.lr itself at every step
+    for the default constant schedule without warm-up. on_step(step, loss, lr) is called after each step, its
+    loss (before the update) and lr as Python floats, step counted from 1."""
     flat = task.params
     trained = sel.init(flat, seed)
     state = opt.init(trained)
     wanted = sel.needs
     for step in range(steps):
+        lr = lr_at(lr_schedule, step, opt.lr, steps=steps, warmup=warmup_steps)
         batch = task.batch(rows_at(rows, step, batch_size))
         loss, grads = task.loss_and_grads(sel.model(flat, trained), batch, wanted)
-        trained, state = opt.step(trained, sel.grads(grads, trained), state)
+        trained, state = opt.step(trained, sel.grads(grads, trained), state, lr=lr)
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, float(loss), lr)
     return trained, state
 
 
 class Progress:
-    """On a terminal a tqdm bar (when tqdm is installed); otherwise plain lines, no carriage returns."""
+    """On a terminal a tqdm bar (when tqdm is installed); otherwise plain lines, no carriage returns. Each step
+    is kept in .curve (step, loss, lr, examples/s, elapsed seconds); show_lr adds the lr to what is printed."""
 
-    def __init__(self, steps: int, batch_size: int, stream=sys.stderr):
-        self.steps, self.batch_size, self.stream, self.curve = steps, batch_size, stream, []
+    def __init__(self, steps: int, batch_size: int, stream=sys.stderr, show_lr: bool = False):
+        self.steps, self.batch_size, self.stream, self.curve, self.show_lr = steps, batch_size, stream, [], show_lr
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if hasattr(stream, "isatty") and stream.isatty():
@@ -146,93 +159,24 @@ class Progress:
             except ImportError:
                 pass
 
-    def __call__(self, step: int, loss: float) -> None:
+    def __call__(self, step: int, loss: float, lr: float) -> None:
         now = time.perf_counter()
         rate = self.batch_size / max(now - self.last, 1e-9)
         self.last = now
-        self.curve.append({"step": step, "loss": loss, "examples_per_second": rate, "elapsed_seconds": now - self.t0})
+        self.curve.append({"step": step, "loss": loss, "lr": lr, "examples_per_second": rate,
+                           "elapsed_seconds": now - self.t0})
+        lr_text = f"lr {lr:.3g}" if self.show_lr else ""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:.1f} examples/s")
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {lr_text + ', ' if lr_text else ''}{rate:.1f} examples/s")
             self.bar.update(1)
         elif self.stream is not None and (step in (1, self.steps) or step % max(1, self.steps // 20) == 0):
-            self.stream.write(f"step {step}/{self.steps}  loss {loss:.4f}  {rate:.1f} examples/s  "
-                              f"{now - self.t0:.1f} s\n")
+            self.stream.write(f"step {step}/{self.steps}  loss {loss:.4f}  {lr_text + '  ' if lr_text else ''}"
+                              f"{rate:.1f} examples/s  {now - self.t0:.1f} s\n")
             self.stream.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# The output folder
-
-
-def check_out_dir(out_dir, overwrite: bool, model_dir=None) -> None:
-    """Refuse, before any work, an OUT_DIR that could not be written or would clobber something."""
-    out = os.path.abspath(out_dir)
-    parent = os.path.dirname(out)
-    if model_dir is not None and os.path.exists(out) and os.path.samefile(out, model_dir):
-        raise ConfigError(f"{show_path(out_dir)}: --out is the model folder itself; choose another folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"{show_path(out_dir)}: --out exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"{show_path(out_dir)}: --out exists and is not empty (pass --overwrite to replace it)")
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{show_path(out_dir)}: --out: the folder {show_path(parent)} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{show_path(out_dir)}: --out: the folder {show_path(parent)} is not writable")
-
-
-def write_folder(out_dir, write, *, overwrite: bool = False) -> str:
-    """Run write(tmp) on a new folder beside out_dir, then rename it to out_dir (replacing an empty one, or
-    with overwrite a full one). Any exception, KeyboardInterrupt included, removes the temporary folder."""
-    out = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial-{secrets.token_hex(4)}")
-    os.mkdir(tmp)  # mode 0o777 less the umask, as any folder the user makes
-    old = None
-    try:
-        write(tmp)
-        mode = 0o666 & ~_umask()
-        for name in os.listdir(tmp):  # some writers (safetensors) make their files private: as any file instead
-            os.chmod(os.path.join(tmp, name), mode)
-        if os.path.isdir(out) and os.listdir(out):
-            if not overwrite:
-                raise ConfigError(f"{show_path(out_dir)}: --out was filled while training (pass --overwrite)")
-            old = tmp + ".old"
-            os.rename(out, old)
-        elif os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None and not os.path.exists(out):
-            os.rename(old, out)  # put the replaced folder back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(path, obj) -> None:
-    tmp = f"{path}.partial-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +186,15 @@ def _write_json(path, obj) -> None:
 def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4, lr: float | None = None,
              optimizer: str = "sgd", trainable: str = "attention", lora_rank: int = 8, lora_alpha: float = 8.0,
              save_adapter: bool = False, seed: int = 0, json_path=None, overwrite: bool = False, backend="numpy",
-             progress: bool = True, loss: str | None = None) -> dict:
+             progress: bool = True, loss: str | None = None, weight_decay: float | None = None,
+             lr_schedule: str = "constant", warmup_steps: int = 0) -> dict:
     """Check everything, train, save (see the module docstring); returns the run's summary and loss curve."""
     from .. import api
     from ..backends import get_backend
 
     model_dir = os.fspath(model_dir) if model_dir else api.EMBEDDED_MODEL
-    lr = _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter)
+    opt = _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter, weight_decay,
+                         lr_schedule, warmup_steps)
     check_out_dir(out_dir, overwrite, model_dir if os.path.isdir(model_dir) else None)
     if json_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise ConfigError(f"{show_path(json_path)}: --json: the folder does not exist")
@@ -268,19 +214,22 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
         except NpvlmError as e:
             raise type(e)(f"{show_path(data)}:{n}: {e}") from None
     sel = getattr(task, "select", select)(trainable, task.params, rank=lora_rank, alpha=lora_alpha)  # a task may name its own
-    meter = Progress(steps, batch_size, sys.stderr if progress else None)
+    scheduled = lr_schedule != "constant" or warmup_steps > 0
+    meter = Progress(steps, batch_size, sys.stderr if progress else None, show_lr=scheduled)
     try:
-        trained, _ = train(task, sel, OPTIMIZERS[optimizer](lr), [r for _, r in rows], steps=steps,
-                           batch_size=batch_size, seed=seed, on_step=meter)
+        trained, _ = train(task, sel, opt, [r for _, r in rows], steps=steps, batch_size=batch_size, seed=seed,
+                           on_step=meter, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
     finally:
         meter.close()
     lora = trainable == "lora"
     summary = {"model": model_dir, "data": os.fspath(data), "out": os.fspath(out_dir), "model_type": mt or "paligemma",
-               "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "train": trainable,
+               "steps": steps, "batch_size": batch_size, "lr": opt.lr, "lr_schedule": lr_schedule,
+               "warmup_steps": warmup_steps, "weight_decay": getattr(opt, "weight_decay", 0.0),
+               "optimizer": optimizer, "train": trainable,
                "lora_rank": lora_rank if lora else None, "lora_alpha": lora_alpha if lora else None,
                "seed": seed, "rows": len(rows), "loss": getattr(task, "loss", None), "curve": meter.curve}
     if json_path is not None:
-        _write_json(json_path, summary)
+        write_json(json_path, summary, indent=1)
     if save_adapter:
         write_folder(out_dir, lambda tmp: task.save_adapter(tmp, sel, trained), overwrite=overwrite)
     else:
@@ -288,8 +237,9 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
     return summary
 
 
-def _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter) -> float:
-    """One line for the first bad option; the learning rate to use."""
+def _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter, weight_decay,
+                   lr_schedule, warmup_steps):
+    """One line for the first bad option; the optimiser to train with (its lr the peak of the schedule)."""
     for name, v in (("--steps", steps), ("--batch-size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {show(v)}")
@@ -299,8 +249,21 @@ def _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save
         raise ConfigError(f"unknown --train {trainable!r} (expected one of: {', '.join(SELECTIONS)})")
     if save_adapter and trainable != "lora":
         raise ConfigError(f"--save-adapter saves LoRA adapters: it needs --train lora, not {trainable!r}")
+    if lr_schedule not in SCHEDULES:
+        raise ConfigError(f"unknown --lr-schedule {lr_schedule!r} (expected one of: {', '.join(SCHEDULES)})")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be an integer >= 0, got {show(warmup_steps)}")
+    if warmup_steps >= steps and warmup_steps > 0:
+        raise ConfigError(f"--warmup-steps {warmup_steps} must be below --steps {steps} (the lr would never reach --lr)")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     for name, v in (("--lr", lr), ("--lora-alpha", lora_alpha)):
         if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
             raise ConfigError(f"{name} must be a positive number, got {show(v)}")
-    return float(lr)
+    if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < float("inf")):
+        raise ConfigError(f"--weight-decay must be a number >= 0, got {show(weight_decay)}")
+    if optimizer == "sgd":
+        if weight_decay:
+            raise ConfigError(f"--weight-decay {weight_decay:g}: plain SGD has no weight decay (big_vision's recipe); "
+                              f"it is AdamW's (--optimizer adamw)")
+        return sgd(lr)
+    return adamw(lr) if weight_decay is None else adamw(lr, weight_decay=weight_decay)  # torch's default: 0.01

@@ -6,7 +6,8 @@
                                                   momentum, no weight decay, no Nesterov)
     opt = adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)   torch.optim.AdamW with its default flags
     state = opt.init(train)                       {} for SGD; {"step": 0, "m": zeros, "v": zeros} for AdamW
-    train, state = opt.step(train, grads, state)  new dicts; nothing is changed in place
+    train, state = opt.step(train, grads, state, lr=None)   new dicts; nothing is changed in place. lr: this
+                                                  step's learning rate (a schedule's, schedule.py); None: opt.lr
 
     sel = select("attention" | "all" | "lora", flat_params, rank=8, alpha=8.0)
     train = sel.init(flat_params, seed)           the arrays the optimiser updates
@@ -74,8 +75,9 @@ class SGD:
         _check_float32(train)
         return {}
 
-    def step(self, train: dict, grads: dict, state: dict):  # -> (new train, state)
-        return {k: p - self.lr * grads[k] for k, p in train.items()}, state
+    def step(self, train: dict, grads: dict, state: dict, lr: float | None = None):  # -> (new train, state)
+        lr = self.lr if lr is None else lr
+        return {k: p - lr * grads[k] for k, p in train.items()}, state
 
 
 @dataclass(frozen=True)
@@ -90,16 +92,17 @@ class AdamW:
         zeros = lambda p: array_namespace(p).zeros(p.shape, dtype=p.dtype)  # noqa: E731
         return {"step": 0, "m": {k: zeros(p) for k, p in train.items()}, "v": {k: zeros(p) for k, p in train.items()}}
 
-    def step(self, train: dict, grads: dict, state: dict):  # -> (new train, new state)
+    def step(self, train: dict, grads: dict, state: dict, lr: float | None = None):  # -> (new train, new state)
+        lr = self.lr if lr is None else lr
         b1, b2 = self.betas
         t = state["step"] + 1
-        step_size = self.lr / (1 - b1**t)  # bias corrections: Python floats, as torch computes them
+        step_size = lr / (1 - b1**t)  # bias corrections: Python floats, as torch computes them
         bc2_sqrt = (1 - b2**t) ** 0.5
         out, m_new, v_new = {}, {}, {}
         for k, p in train.items():
             g, m, v = grads[k], state["m"][k], state["v"][k]
             xp = array_namespace(p)
-            p = p * (1 - self.lr * self.weight_decay)  # decoupled weight decay
+            p = p * (1 - lr * self.weight_decay)  # decoupled weight decay: it follows the schedule, as torch's
             m = m + (1 - b1) * (g - m)
             v = v * b2 + (1 - b2) * (g * g)
             out[k] = p - step_size * (m / (xp.sqrt(v) / bc2_sqrt + self.eps))

@@ -19,14 +19,11 @@ What `save_adapter` writes (--save-adapter, LoRA), the layout HF PEFT's save_pre
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 from ..errors import ConfigError, show_path
-from ..io.checkpoint import checkpoint_files, read_headers, unflatten
+from ..io.checkpoint import read_headers, unflatten
 from ..models.paligemma_inputs import check_length, load_images, pixel_batch, prompt_ids
 from ..models.paligemma_schema import LM_HEAD, canonical_name
+from .folder import host_float32, write_adapter, write_model
 from .optim import LORA_TARGETS, flatten
 from .paligemma_grad import loss_and_grads, make_batch
 
@@ -67,37 +64,17 @@ class PaliGemmaTask:
         loss, grads = loss_and_grads(unflatten(params), batch, self.model.config, vision=vision)
         return loss, flatten(grads)
 
-    # --- saving -------------------------------------------------------------------------------
+    # --- saving (folder.py writes the files) ---------------------------------------------------
 
     def save(self, folder, params: dict) -> None:
-        from safetensors.numpy import save_file
-
         names = self._file_names()
-        host = {names[k]: _host(self.model.backend, v) for k, v in params.items()}
-        save_file(host, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(self.model_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        for c in (config, config.get("text_config"), config.get("vision_config")):
-            if isinstance(c, dict):
-                c.pop("torch_dtype", None)
-                c["dtype"] = "float32"
-        config.pop("npvlm_quantization", None)
-        _dump(os.path.join(folder, "config.json"), config)
-        self._copy_side_files(folder)
+        write_model(folder, self.model_dir, {names[k]: host_float32(self.model.backend, v) for k, v in params.items()})
 
     def save_adapter(self, folder, sel, train: dict) -> None:
-        from safetensors.numpy import save_file
-
-        prefix = "language_model.model."
-        host = {"base_model.model.model.language_model." + k[len(prefix):]: _host(self.model.backend, v)
-                for k, v in train.items()}  # transformers 5's in-memory module names
-        save_file(host, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": os.path.abspath(self.model_dir),
-                  "r": sel.rank, "lora_alpha": sel.alpha, "lora_dropout": 0.0, "target_modules": PEFT_TARGETS,
-                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-                  "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
-        _dump(os.path.join(folder, "adapter_config.json"), config)
-        self._copy_side_files(folder)
+        prefix = "language_model.model."  # -> transformers 5's in-memory module names, under PEFT's base_model.model.
+        weights = {"base_model.model.model.language_model." + k[len(prefix):]: host_float32(self.model.backend, v)
+                   for k, v in train.items()}
+        write_adapter(folder, self.model_dir, sel, weights, target_modules=PEFT_TARGETS, task_type="CAUSAL_LM")
 
     def _file_names(self) -> dict:
         """{canonical name: the name the input checkpoint stores it under}."""
@@ -109,23 +86,3 @@ class PaliGemmaTask:
                 if canon is not None and canon != LM_HEAD:
                     names[canon] = raw
         return names
-
-    def _copy_side_files(self, folder) -> None:
-        skip = {os.path.basename(p) for p in checkpoint_files(self.model_dir)} | {"config.json"}
-        for name in sorted(os.listdir(self.model_dir)):
-            src = os.path.join(self.model_dir, name)
-            weights = name.endswith((".safetensors", ".safetensors.index.json")) or name.startswith("adapter_")
-            if name not in skip and not weights and os.path.isfile(src):
-                shutil.copy2(src, os.path.join(folder, name))
-
-
-def _host(backend, x):
-    import numpy as np
-
-    return np.ascontiguousarray(backend.to_host(x), dtype=np.float32)
-
-
-def _dump(path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

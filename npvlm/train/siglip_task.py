@@ -17,15 +17,11 @@ configs). `save_adapter`: PEFT's layout, adapter_model.safetensors + adapter_con
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 from ..errors import ConfigError, show_path
-from ..io.checkpoint import checkpoint_files, unflatten
+from ..io.checkpoint import unflatten
 from ..models.paligemma_inputs import load_images, pixel_batch
+from .folder import host_float32, write_adapter, write_model
 from .optim import SELECTIONS, Selection, flatten
-from .paligemma_task import _dump, _host
 from .siglip_model_grad import LOSSES, loss_and_grads, make_batch
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -79,38 +75,11 @@ class SiglipTask:
             return Selection(kind, tuple(f"{L}{t}" for L in layers for t in LORA_TARGETS), int(rank), float(alpha))
         raise ConfigError(f"unknown --train {kind!r} (expected one of: {', '.join(SELECTIONS)})")
 
-    # --- saving -------------------------------------------------------------------------------
+    # --- saving (folder.py writes the files) ---------------------------------------------------
 
     def save(self, folder, params: dict) -> None:
-        from safetensors.numpy import save_file
-
-        host = {k: _host(self.model.backend, v) for k, v in params.items()}  # the names are the files'
-        save_file(host, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(self.model_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        for c in (config, config.get("text_config"), config.get("vision_config")):
-            if isinstance(c, dict):
-                c.pop("torch_dtype", None)
-                c["dtype"] = "float32"
-        _dump(os.path.join(folder, "config.json"), config)
-        self._copy_side_files(folder)
+        write_model(folder, self.model_dir, {k: host_float32(self.model.backend, v) for k, v in params.items()})
 
     def save_adapter(self, folder, sel, train: dict) -> None:
-        from safetensors.numpy import save_file
-
-        host = {"base_model.model." + k: _host(self.model.backend, v) for k, v in train.items()}
-        save_file(host, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": os.path.abspath(self.model_dir),
-                  "r": sel.rank, "lora_alpha": sel.alpha, "lora_dropout": 0.0, "target_modules": PEFT_TARGETS,
-                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-                  "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
-        _dump(os.path.join(folder, "adapter_config.json"), config)
-        self._copy_side_files(folder)
-
-    def _copy_side_files(self, folder) -> None:
-        skip = {os.path.basename(p) for p in checkpoint_files(self.model_dir)} | {"config.json"}
-        for name in sorted(os.listdir(self.model_dir)):
-            src = os.path.join(self.model_dir, name)
-            weights = name.endswith((".safetensors", ".safetensors.index.json")) or name.startswith("adapter_")
-            if name not in skip and not weights and os.path.isfile(src):
-                shutil.copy2(src, os.path.join(folder, name))
+        weights = {"base_model.model." + k: host_float32(self.model.backend, v) for k, v in train.items()}
+        write_adapter(folder, self.model_dir, sel, weights, target_modules=PEFT_TARGETS, task_type=None)

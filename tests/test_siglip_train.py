@@ -266,7 +266,7 @@ def torch_run(folder, jsonl, optimizer, trainable, loss="sigmoid"):
             return base
         return {**base, **{n: base[n] + (ALPHA / RANK) * (b @ a) for n, (a, b) in lora.items()}}
 
-    losses = []
+    losses, tiny = [], {}  # tiny: entries whose gradient was below GRAD_FLOOR of its tensor's largest, at some step
     with torch.enable_grad():
         for step in range(STEPS):
             batch = [rows[(step * BATCH + i) % len(rows)] for i in range(BATCH)]
@@ -283,9 +283,13 @@ def torch_run(folder, jsonl, optimizer, trainable, loss="sigmoid"):
             opt.zero_grad()
             value.backward()
             losses.append(float(value.detach()))
+            for n, t in base.items():
+                if t.grad is not None:
+                    g = t.grad.abs().numpy()
+                    tiny[n] = tiny.get(n, False) | ((g > 0) & (g <= GRAD_FLOOR * g.max()))  # 0: exact on both sides
             opt.step()
     final = {n: w.detach().numpy().copy() for n, w in weights().items()}
-    return final, {n: w.numpy() for n, w in start.items()}, losses
+    return final, {n: w.numpy() for n, w in start.items()}, losses, tiny
 
 
 def run_finetune(folder, jsonl, out, *extra, optimizer="sgd", trainable="attention"):
@@ -319,7 +323,14 @@ def noise_only(name, shape, clip=False):
     return mask
 
 
-def assert_same_training(ours, ref, start, optimizer, trainable, curve=None, losses=None, clip=False):
+# AdamW's step is lr * m / sqrt(v): about lr * sign(g) at first, whatever |g| is. Where |g| is below 1e-3 of its
+# tensor's largest gradient, float32 summation order alone (BLAS threads, torch's kernels vs numpy's) changes g by
+# more than 1e-3 of itself, and the quotient by more than the weight tolerance. Those entries (measured: up to 11 % of
+# a k_proj, none of most tensors) are compared at lr * STEPS / 10 instead: a wrong sign or a missing step, not noise.
+GRAD_FLOOR = 1e-3
+
+
+def assert_same_training(ours, ref, start, optimizer, trainable, curve=None, losses=None, clip=False, tiny=None):
     import re
 
     assert sorted(ours) == sorted(ref)
@@ -337,6 +348,11 @@ def assert_same_training(ours, ref, start, optimizer, trainable, curve=None, los
         if real.any():
             assert np.abs(ref[k] - start[k])[real].max() >= 10 * TOL * scale, k  # moved: 10x the tolerance at least
         keep = real if optimizer == "adamw" else np.ones_like(real)  # SGD moves the noise by noise: compared too
+        if optimizer == "adamw" and tiny and k in tiny:
+            small = tiny[k] & keep
+            assert small.mean() <= 0.25, (k, small.mean())  # the exception stays an exception
+            assert np.abs(ours[k] - ref[k])[small].max(initial=0.0) <= LR["adamw"] * STEPS / 10, k
+            keep = keep & ~small
         assert np.abs(ours[k] - ref[k])[keep].max(initial=0.0) <= TOL * scale, k  # per tensor, 1e-4 of its largest
     if losses is not None:
         for p, want in zip(curve, losses):  # the loss of each step's batch, before its update: 1e-4 relative
@@ -352,20 +368,20 @@ def test_finetune_weights_after_n_steps_equal_torch_on_hf(ft_model, data, tmp_pa
                        trainable=trainable)
     summary = json.load(open(tmp_path / "c.json"))
     assert summary["loss"] == "sigmoid" and [p["step"] for p in summary["curve"]] == list(range(1, STEPS + 1))
-    ref, start, losses = torch_run(ft_model, data, optimizer, trainable)
-    assert_same_training(saved_weights(out), ref, start, optimizer, trainable, summary["curve"], losses)
+    ref, start, losses, tiny = torch_run(ft_model, data, optimizer, trainable)
+    assert_same_training(saved_weights(out), ref, start, optimizer, trainable, summary["curve"], losses, tiny=tiny)
 
 
 def test_finetune_with_the_clip_loss_equals_torch(ft_model, data, tmp_path):
     out = run_finetune(ft_model, data, tmp_path / "out", "--loss", "clip", optimizer="sgd", trainable="all")
-    ref, start, _ = torch_run(ft_model, data, "sgd", "all", loss="clip")
+    ref, start, _, _ = torch_run(ft_model, data, "sgd", "all", loss="clip")
     assert_same_training(saved_weights(out), ref, start, "sgd", "all", clip=True)
 
 
 def test_array_api_strict_trains_to_the_same_weights(ft_model, data, tmp_path):
     out = run_finetune(ft_model, data, tmp_path / "out", "--backend", "array_api_strict", optimizer="adamw",
                        trainable="lora")
-    ref, start, _ = torch_run(ft_model, data, "adamw", "lora")
+    ref, start, _, _ = torch_run(ft_model, data, "adamw", "lora")
     assert_same_training(saved_weights(out), ref, start, "adamw", "lora")
 
 
@@ -381,7 +397,7 @@ def test_save_adapter_writes_peft_layout_equal_to_the_merged_run(ft_model, data,
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", RANK, ALPHA)
     assert not os.path.exists(os.path.join(out, "model.safetensors")) and "spiece.model" in os.listdir(out)
     ab = load_file(os.path.join(out, "adapter_model.safetensors"))
-    ref, start, _ = torch_run(ft_model, data, "adamw", "lora")
+    ref, start, _, _ = torch_run(ft_model, data, "adamw", "lora")
     mods = [k[:-len(".weight")] for k in ref if k.endswith(".weight") and re.fullmatch(LORA_RE, k[:-len(".weight")])]
     assert sorted(ab) == sorted(f"base_model.model.{m}.lora_{x}.weight" for m in mods for x in "AB")  # PEFT's keys
     for k in ref:  # PEFT's regex picks exactly the adapted modules (not the MAP head's, not the embeddings')

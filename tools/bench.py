@@ -186,7 +186,7 @@ def cmd_vs_hf(a):
            **{k: med[k] for k in names}, "weights": sides,
            **{f"speedup_first_token{k[5:]}": med["hf"]["first_token_s"] / med[k]["first_token_s"] for k in sides},
            **{f"speedup_decode{k[5:]}": med["hf"]["ms_per_token"] / med[k]["ms_per_token"] for k in sides},
-           "decode_bytes_per_token": per_token if len(sides) > 1 else per_token["npvlm"],
+           "decode_bytes_per_token": per_token if len(sides) > 1 else per_token[next(iter(sides))],
            "peak_rss_bytes": {k: max(r[k]["peak_rss_bytes"] for r in every) for k in names}}
     print(f"{a.preset}: {a.rounds} alternating rounds, {len(quiet)} quiet (other load <= {a.max_other_load} core), "
           f"medians over {res['used']}; {threads} threads")

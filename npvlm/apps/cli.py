@@ -132,6 +132,7 @@ SUBCOMMANDS = (
     "classify",
     "embed",
     "quantize",
+    "finetune",
 )
 
 

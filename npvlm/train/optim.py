@@ -11,6 +11,7 @@
     sel = select("attention" | "all" | "lora", flat_params, rank=8, alpha=8.0)
     train = sel.init(flat_params, seed)           the arrays the optimiser updates
     sel.model(flat_params, train)                 the flat parameters the forward sees
+    sel.needs                                     the model parameters whose gradients sel.grads reads
     sel.grads(flat_grads, train)                  the gradient of each array of `train` (same keys)
     sel.merged(flat_params, train)                the parameters to save (LoRA merged into its weights)
 
@@ -157,6 +158,11 @@ class Selection:
     @property
     def scale(self) -> float:  # LoRA's s = alpha / r
         return self.alpha / self.rank
+
+    @property
+    def needs(self) -> frozenset:
+        """The model parameters whose gradients `grads` reads (a LoRA target's full weight)."""
+        return frozenset(m + ".weight" for m in self.names) if self.kind == "lora" else frozenset(self.names)
 
     def init(self, flat: dict, seed: int = 0) -> dict:
         if self.kind != "lora":

@@ -107,7 +107,9 @@ def loss_forward(params, batch: TrainBatch, *, cfg: PaliGemmaConfig):  # -> (los
                   "N": feats.shape[1], "logits_shape": tuple(logits.shape)}
 
 
-def loss_backward(saved, dloss: float = 1.0):  # -> grads shaped like params
+def loss_backward(saved, dloss: float = 1.0, *, vision: bool = True):  # -> grads shaped like params
+    """vision=False: leave out the vision tower's and the projector's gradients (and their backward's work),
+    for training that keeps them frozen."""
     dl = NB.cross_entropy_backward(dloss, saved["ce"])  # [B, T-1, V]
     xp = array_namespace(dl)
     B, T, V = saved["logits_shape"]
@@ -117,10 +119,12 @@ def loss_backward(saved, dloss: float = 1.0):  # -> grads shaped like params
     dtext, dfeats = merge_image_features_backward(dh, saved["image_slot"], saved["N"])
     g_embed = NB.add_grads(NB.embed_backward(dtext, saved["emb"]), g_head)  # the tied table: lookup + head
     lm = {"embed_tokens": {"weight": g_embed["weight"]}, "layers": g_dec["layers"], "norm": g_dec["norm"]}
-    return {**image_features_backward(dfeats, saved["img"]), "language_model": {"model": lm}}
+    towers = image_features_backward(dfeats, saved["img"]) if vision else {}
+    return {**towers, "language_model": {"model": lm}}
 
 
-def loss_and_grads(params, batch: TrainBatch, cfg: PaliGemmaConfig):
-    """(HF's suffix loss, float32 scalar array; its gradient, a tree shaped like `params`)."""
+def loss_and_grads(params, batch: TrainBatch, cfg: PaliGemmaConfig, *, vision: bool = True):
+    """(HF's suffix loss, float32 scalar array; its gradient, a tree shaped like `params`; with vision=False
+    only the language model's subtree, the vision tower and projector taken as frozen)."""
     loss, saved = loss_forward(params, batch, cfg=cfg)
-    return loss, loss_backward(saved)
+    return loss, loss_backward(saved, vision=vision)

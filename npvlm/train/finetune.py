@@ -35,7 +35,7 @@ import sys
 import time
 
 from ..errors import ConfigError, NpvlmError, show, show_path
-from .optim import OPTIMIZERS, select
+from .optim import OPTIMIZERS, SELECTIONS, select
 
 DEFAULT_LR = {"sgd": 0.03, "adamw": 2e-5}
 MAX_LINE_BYTES = 1 << 20
@@ -62,7 +62,7 @@ def read_rows(path, fields: dict) -> list:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{show_path(path)}: --data: no such file")
-    base, rows = os.path.dirname(os.path.abspath(path)), []
+    base, rows, opened = os.path.dirname(os.path.abspath(path)), [], set()
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{show_path(path)}:{n}"
@@ -89,9 +89,11 @@ def read_rows(path, fields: dict) -> list:
                     if not os.path.isfile(row[key]):
                         raise ConfigError(f"{where}: {key!r}: image {show_path(row[key])} does not exist")
                     try:
-                        load_image(row[key])
+                        if row[key] not in opened:  # decoded once here, so a bad file stops nothing mid-training
+                            load_image(row[key])
                     except NpvlmError as e:
                         raise ConfigError(f"{where}: {key!r}: {e}") from None
+                    opened.add(row[key])
             rows.append((n, {k: row[k] for k in fields}))
     if not rows:
         raise ConfigError(f"{show_path(path)}: no rows (each line a JSON object with {', '.join(map(repr, fields))})")
@@ -240,16 +242,7 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
     from ..backends import get_backend
 
     model_dir = os.fspath(model_dir) if model_dir else api.EMBEDDED_MODEL
-    for name, v in (("--steps", steps), ("--batch-size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {show(v)}")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown --optimizer {optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})")
-    if save_adapter and trainable != "lora":
-        raise ConfigError(f"--save-adapter saves LoRA adapters: it needs --train lora, not {trainable!r}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if not (isinstance(lr, (int, float)) and lr > 0 and lr < float("inf")):
-        raise ConfigError(f"--lr must be a positive number, got {show(lr)}")
+    lr = _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter)
     check_out_dir(out_dir, overwrite, model_dir if os.path.isdir(model_dir) else None)
     if json_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise ConfigError(f"{show_path(json_path)}: --json: the folder does not exist")
@@ -265,17 +258,16 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
         except NpvlmError as e:
             raise type(e)(f"{show_path(data)}:{n}: {e}") from None
     sel = select(trainable, task.params, rank=lora_rank, alpha=lora_alpha)
-    opt = OPTIMIZERS[optimizer](lr)
     meter = Progress(steps, batch_size, sys.stderr if progress else None)
     try:
-        trained, _ = train(task, sel, opt, [r for _, r in rows], steps=steps, batch_size=batch_size, seed=seed,
-                           on_step=meter)
+        trained, _ = train(task, sel, OPTIMIZERS[optimizer](lr), [r for _, r in rows], steps=steps,
+                           batch_size=batch_size, seed=seed, on_step=meter)
     finally:
         meter.close()
+    lora = trainable == "lora"
     summary = {"model": model_dir, "data": os.fspath(data), "out": os.fspath(out_dir), "model_type": mt or "paligemma",
                "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "train": trainable,
-               "lora_rank": lora_rank if trainable == "lora" else None,
-               "lora_alpha": lora_alpha if trainable == "lora" else None,
+               "lora_rank": lora_rank if lora else None, "lora_alpha": lora_alpha if lora else None,
                "seed": seed, "rows": len(rows), "curve": meter.curve}
     if json_path is not None:
         _write_json(json_path, summary)
@@ -284,3 +276,21 @@ def finetune(model_dir, data, out_dir, *, steps: int = 100, batch_size: int = 4,
     else:
         write_folder(out_dir, lambda tmp: task.save(tmp, sel.merged(task.params, trained)), overwrite=overwrite)
     return summary
+
+
+def _check_options(steps, batch_size, lr, optimizer, trainable, lora_alpha, save_adapter) -> float:
+    """One line for the first bad option; the learning rate to use."""
+    for name, v in (("--steps", steps), ("--batch-size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {show(v)}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})")
+    if trainable not in SELECTIONS:
+        raise ConfigError(f"unknown --train {trainable!r} (expected one of: {', '.join(SELECTIONS)})")
+    if save_adapter and trainable != "lora":
+        raise ConfigError(f"--save-adapter saves LoRA adapters: it needs --train lora, not {trainable!r}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    for name, v in (("--lr", lr), ("--lora-alpha", lora_alpha)):
+        if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+            raise ConfigError(f"{name} must be a positive number, got {show(v)}")
+    return float(lr)

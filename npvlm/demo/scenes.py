@@ -23,9 +23,11 @@ with "an" in place of "a" before "orange".
 Detection targets follow PaliGemma: `<locYMIN><locXMIN><locYMAX><locXMAX> label`, each bin
 round(c * 1023) with c the coordinate divided by the image side, several instances joined with " ; "
 in left-to-right order. A multi-class prompt `detect A ; B [; C]` (A, B, C all kinds or all
-"colour kind" names) is answered class by class in the prompt's order, each class's shapes left to
-right with its own label, all joined with " ; "; a class the scene lacks adds nothing
-(`multi_detect_task`). NumPy and Pillow only.
+"colour kind" names) is answered the same way: every shape of an asked class, left to right, each
+labelled with its own class; a class the scene lacks adds nothing (`multi_detect_task`). Grouping
+the boxes class by class in the prompt's order was tried first: the model kept listing boxes left
+to right and gave them the prompt's labels in order, mislabelling them (README, "The embedded model").
+NumPy and Pillow only.
 """
 
 from __future__ import annotations
@@ -218,9 +220,9 @@ NAMES = tuple(f"{c} {k}" for c in COLOURS for k in KINDS)  # every "colour kind"
 
 
 def multi_detect_answer(shapes, classes, width: int, height: int) -> str:
-    """The answer to `detect {classes joined by ' ; '}`: per class in that order, its shapes left to right."""
-    groups = [(c, [s for s in shapes if c in (s.kind, s.name)]) for c in classes]
-    return " ; ".join(detect_answer(of, c, width, height) for c, of in groups if of)
+    """The answer to `detect {classes joined by ' ; '}`: the shapes of those classes left to right (as
+    `shapes` are), each labelled with its class (classes are all kinds or all names: one fits a shape)."""
+    return " ; ".join(detect_answer([s], c, width, height) for s in shapes for c in classes if c in (s.kind, s.name))
 
 
 def multi_detect_task(scene: Scene, rng, n_classes: int = 2, named: bool = False) -> tuple[str, str]:

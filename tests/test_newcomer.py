@@ -276,10 +276,13 @@ def test_ctrl_c_with_json_writes_what_was_generated(long_run):
     assert res["stats"]["new_tokens"] == len(res["token_ids"])
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.2, 0.4, 0.8, 1.5])
+@pytest.mark.parametrize("delay", [0.4, 0.8, 1.5])
 def test_ctrl_c_at_once_is_a_clean_exit_130(long_run, delay):
     """While the modules load, the model loads, the prompt is prepared: 130, never a traceback. (Not coverable
-    by any Python program: the interpreter's own start, ~15 ms here, while it imports `site` and `runpy`.)"""
+    by any Python program: the interpreter's own start, ~15 ms here while it imports `site` and `runpy`, longer
+    on a fresh venv that first compiles its bytecode, or under load; hence these delays, after one warm-up run,
+    and the test below, which sends the signal from inside the early imports deterministically.)"""
+    _popen(["--version"]).communicate(timeout=60)  # bytecode compiled: Python's own start is short again
     p = _popen(long_run)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)

@@ -5,20 +5,26 @@ weights stream from memory: bf16 halves the bytes of float32, int8 quarters them
 widening happens in registers on the way to the multiply-add and the float32 copy never exists.
 
     packed_linear(x, weight, bias)   x [..., in] float32, weight Bf16Weight | Int8Weight [out, in]
-        M = rows of x <= DECODE_ROWS   _gemv_*: one pass over the weight; each thread (prange over
-                                        blocks of ROWS output rows) widens ROWS rows together in the
-                                        inner loop (bf16: (uint32(bits) << 16) bit-cast to float32;
-                                        int8: int -> float), which LLVM vectorises (AVX2/AVX-512)
+        M = rows of x <= DECODE_ROWS   _gemv_*: one pass over the weight; threads share out the output
+                                        rows (prange), each a plain dot product whose loop widens in
+                                        registers (bf16: (uint32(bits) << 16) bit-cast to float32;
+                                        int8: int -> float) and which LLVM vectorises (AVX2/AVX-512).
+                                        One row at a time, not several: measured here, widening 4 or 8
+                                        rows in one loop ran 2-3x slower (the unrolled loop spills)
         M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
                                         float32 buffer and let BLAS (numpy matmul) multiply it, block
                                         after block: never a whole float32 copy of the weight
-    register_numba_kernels()        makes packed_linear the `linear` of both containers (fast_ops)
+    dense_linear(x, w, bias)        the same one-pass loop for float32 weights in decode (nothing to widen:
+                                        it streams a DRAM-sized weight faster than OpenBLAS's sgemv here)
+    register_numba_kernels(dense)   makes packed_linear the `linear` of both containers (fast_ops), and with
+                                        dense=True dense_linear that of float32 numpy arrays
 
 Numerics: float32 accumulation throughout. The decode kernels are compiled with
-fastmath={"reassoc"} and nothing else: reassociation is what lets LLVM split a dot product's sum
-into vector lanes (without it the loop stays scalar and reads at a quarter of the bandwidth); it
-changes the summation order only, as BLAS's blocking does, so results equal float32
-`x @ widen(W).T` to ~1e-6 relative. No nnan/ninf/afn: NaN and infinity propagate as in NumPy.
+fastmath={"reassoc", "contract"} and nothing else: reassociation is what lets LLVM split a dot
+product's sum into vector lanes (without it the loop stays scalar and reads at a quarter of the
+bandwidth), contraction fuses each multiply and add into one FMA (one rounding instead of two, as
+BLAS does; 1.5x faster here). They change the summation order and rounding only, so results equal
+float32 `x @ widen(W).T` to ~1e-6 relative. No nnan/ninf/afn: NaN and infinity propagate as in NumPy.
 int8 sums q * x per row, then multiplies once by the row's scale (the dequantized reference
 rounds q * scale first: the two differ by float32 rounding only).
 
@@ -44,11 +50,11 @@ except ImportError:  # numba is the optional `fast` extra
     HAVE_NUMBA = False
 
 DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
-ROWS = 4  # output rows one thread widens and accumulates together
-CHUNK = 16  # blocks of ROWS rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
+ROWS = 4  # prefill blocks hold at least this many weight rows
+CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
 BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
 #                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
-_REDUCE = {"reassoc"}  # reassociate sums only (vector lanes); see the module docstring
+_REDUCE = {"reassoc", "contract"}  # vector-lane sums and fused multiply-add only; see the module docstring
 
 if HAVE_NUMBA:
 
@@ -66,59 +72,38 @@ if HAVE_NUMBA:
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_bf16(x, bits, out):  # [M, K] f32, [N, K] u16 -> out [M, N] f32
         M, K = x.shape
-        N = bits.shape[0]
-        for blk in prange((N + ROWS - 1) // ROWS):
-            n = blk * ROWS
-            if n + ROWS <= N:  # ROWS rows at once: each x element loaded once for all of them
-                w0, w1, w2, w3 = bits[n], bits[n + 1], bits[n + 2], bits[n + 3]
-                for m in range(M):  # rows of x: the ROWS weight rows stay in L1/L2 between them
-                    xm = x[m]
-                    s0 = s1 = s2 = s3 = np.float32(0.0)
-                    for k in range(K):
-                        xk = xm[k]
-                        s0 += xk * _bf16(w0[k])
-                        s1 += xk * _bf16(w1[k])
-                        s2 += xk * _bf16(w2[k])
-                        s3 += xk * _bf16(w3[k])
-                    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
-            else:  # the last N % ROWS rows, one at a time
-                for r in range(n, N):
-                    wr = bits[r]
-                    for m in range(M):
-                        xm = x[m]
-                        s = np.float32(0.0)
-                        for k in range(K):
-                            s += xm[k] * _bf16(wr[k])
-                        out[m, r] = s
+        for n in prange(bits.shape[0]):  # one output row per iteration: its K weights stream once
+            wn = bits[n]
+            for m in range(M):  # rows of x: the weight row (2K bytes) stays in L1 between them
+                xm = x[m]
+                s = np.float32(0.0)
+                for k in range(K):  # vectorised: 16 widenings and one FMA per zmm register
+                    s += xm[k] * _bf16(wn[k])
+                out[m, n] = s
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_int8(x, q, scale, out):  # [M, K] f32, [N, K] i8, [N] f32 -> out [M, N] f32
         M, K = x.shape
-        N = q.shape[0]
-        for blk in prange((N + ROWS - 1) // ROWS):
-            n = blk * ROWS
-            if n + ROWS <= N:
-                w0, w1, w2, w3 = q[n], q[n + 1], q[n + 2], q[n + 3]
-                for m in range(M):
-                    xm = x[m]
-                    s0 = s1 = s2 = s3 = np.float32(0.0)
-                    for k in range(K):
-                        xk = xm[k]
-                        s0 += xk * np.float32(w0[k])
-                        s1 += xk * np.float32(w1[k])
-                        s2 += xk * np.float32(w2[k])
-                        s3 += xk * np.float32(w3[k])
-                    out[m, n], out[m, n + 1] = s0 * scale[n], s1 * scale[n + 1]
-                    out[m, n + 2], out[m, n + 3] = s2 * scale[n + 2], s3 * scale[n + 3]
-            else:
-                for r in range(n, N):
-                    wr = q[r]
-                    for m in range(M):
-                        xm = x[m]
-                        s = np.float32(0.0)
-                        for k in range(K):
-                            s += xm[k] * np.float32(wr[k])
-                        out[m, r] = s * scale[r]
+        for n in prange(q.shape[0]):
+            qn, sn = q[n], scale[n]
+            for m in range(M):
+                xm = x[m]
+                s = np.float32(0.0)
+                for k in range(K):  # int8 -> int32 -> float32 in registers, then FMA
+                    s += xm[k] * np.float32(qn[k])
+                out[m, n] = s * sn
+
+    @njit(parallel=True, cache=True, fastmath=_REDUCE)
+    def _gemv_f32(x, w, out):  # [M, K] f32, [N, K] f32 -> out [M, N] f32: the same loop, nothing to widen
+        M, K = x.shape
+        for n in prange(w.shape[0]):
+            wn = w[n]
+            for m in range(M):
+                xm = x[m]
+                s = np.float32(0.0)
+                for k in range(K):
+                    s += xm[k] * wn[k]
+                out[m, n] = s
 
     @njit(parallel=True, cache=True)
     def _widen_bf16_rows(bits, a, b, buf):  # bits[a:b] -> buf[:b-a] float32, exact
@@ -170,16 +155,38 @@ def packed_linear(x, weight, bias=None):  # [..., in], packed [out, in], [out] -
     return out.reshape(x.shape[:-1] + (N,))
 
 
+def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -> [..., out]
+    """nn.linear for float32 weights in decode (<= DECODE_ROWS rows of x): the one-pass loop above.
+    Measured here it streams a DRAM-sized weight faster than OpenBLAS's sgemv; anything else
+    (prefill, other dtypes, strided weights) is the reference's `x @ W.T`."""
+    K = x.shape[-1]
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32 and x.dtype == np.float32
+            and weight.ndim == 2 and weight.shape[1] == K and weight.flags.c_contiguous and weight.size
+            and 0 < x.size <= DECODE_ROWS * K and (bias is None or tuple(bias.shape) == weight.shape[:1])):
+        return _reference_linear(x, weight, bias)
+    x2 = np.ascontiguousarray(x.reshape(-1, K))  # [M, K]
+    out = np.empty((x2.shape[0], weight.shape[0]), dtype=np.float32)  # [M, N]
+    with numba.parallel_chunksize(CHUNK):
+        _gemv_f32(x2, weight, out)
+    if bias is not None:
+        out += bias
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
 def _reference_linear(x, weight, bias):
     from npvlm.nn import linear
 
     return linear.reference(x, weight, bias)
 
 
-def register_numba_kernels() -> bool:
-    """Make packed_linear the `linear` of Bf16Weight and Int8Weight; False (nothing done) without numba."""
+def register_numba_kernels(dense: bool = False) -> bool:
+    """Make packed_linear the `linear` of Bf16Weight and Int8Weight (and with `dense`, dense_linear that of
+    float32 numpy arrays); False (nothing done) without numba."""
     if not HAVE_NUMBA:
         return False
     for container in (Bf16Weight, Int8Weight):
         fast_ops.register("linear", container, packed_linear)
+    if dense:
+        for array_type in (np.ndarray, np.memmap):
+            fast_ops.register("linear", array_type, dense_linear)
     return True

@@ -23,6 +23,9 @@ register("write_columns", np.ndarray, write_columns_inplace)
 register_numpy_fast_ops()  # gelu_tanh, softmax, rms_norm, layer_norm: blocked, in place (numpy_fast.py)
 
 
+DENSE_KERNEL_BYTES = 64 << 20  # float32 weights from which decode streams from DRAM (twice the L3 here)
+
+
 class NumpyBackend(Backend):
     name = "numpy"
 
@@ -40,19 +43,22 @@ class NumpyBackend(Backend):
 
     def pack_weights(self, flat: dict, weights: str) -> dict:
         """Bf16Weight / Int8Weight for the Linear weights (packing.py), and the numba kernels that read them
-        registered now, not at import: importing numba costs ~0.5 s, which a float32 run never pays. Without
-        numba (the `fast` extra) nn.linear widens them on its reference path: same numbers, slower."""
+        registered now, not at import: importing numba costs ~0.5 s, which a small model never pays. Without
+        numba (the `fast` extra) nn.linear widens them on its reference path: same numbers, slower. A float32
+        model of DENSE_KERNEL_BYTES or more gets numba's float32 decode loop too (dense_linear); a smaller
+        one decodes from the cache, where BLAS is as fast and the import would cost more than it saves."""
         from .packing import pack_weights
 
         out = pack_weights(flat, weights)
-        if weights != "float32":
+        dense = weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) >= DENSE_KERNEL_BYTES
+        if weights != "float32" or dense:
             # numba's OpenMP threads spin-wait between parallel calls by default, and a decode step alternates
             # them with BLAS calls on the same cores: measured on 2 cores (mid preset, bf16), 423 ms a token
             # with spinning, 38-72 ms with passive waiting. Must be set before libgomp loads (first kernel call).
             os.environ.setdefault("OMP_WAIT_POLICY", "passive")
             from .numba_kernels import register_numba_kernels
 
-            if register_numba_kernels() and self._threads is not None:
+            if register_numba_kernels(dense=dense) and self._threads is not None:
                 _numba_threads(self._threads)
         return out
 

@@ -1,0 +1,106 @@
+"""numba's float32 decode loop (backends/numba_kernels.dense_linear) against the reference `x @ W.T`.
+
+    kernel      equals float32 `x @ W.T` up to summation order (and FMA rounding) for 1-8 rows of x,
+                sizes that are no multiple of anything, with and without bias, [B, T, in] inputs
+    fallback    prefill rows, other dtypes, strided weights and bad shapes go to the reference
+                unchanged (bit for bit, or its ShapeError)
+    load        a float32 model of DENSE_KERNEL_BYTES or more registers it, a smaller one does not
+                (numba's import is not paid for a model that decodes from cache); with it, the decode
+                steps run through the loop and greedy tokens equal HF's
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npvlm
+from hf_ref import hf_generate, image, write
+from npvlm import fast_ops, nn
+from npvlm.backends import numba_kernels, numpy_backend
+from npvlm.errors import ShapeError
+
+pytestmark = pytest.mark.skipif(not numba_kernels.HAVE_NUMBA, reason="numba not installed (the optional npvlm[fast] extra)")
+SUM_ORDER = 1e-5  # another summation order and FMA rounding: |diff| <= 1e-5 * sum_k |x_k w_k|
+MIN_MARGIN = 1e-3  # as tests/test_generate.py: greedy tokens compared where the top-2 gap is far above float32 noise
+
+
+@pytest.fixture
+def restore_table():
+    """Whatever a test registers, the seam's table is as it was afterwards (registration is process-wide)."""
+    saved = {name: dict(table) for name, table in fast_ops._TABLE.items()}
+    yield
+    for name, table in fast_ops._TABLE.items():
+        table.clear()
+        table.update(saved.get(name, {}))
+
+
+def _case(n_out, n_in, rows, seed=5):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n_out, n_in), dtype=np.float32), rng.standard_normal((rows, n_in), dtype=np.float32),
+            rng.standard_normal(n_out, dtype=np.float32))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("shape", [(37, 53), (1030, 515), (3, 2100)])
+def test_dense_linear_equals_float32_matmul(rows, shape):
+    w, x, bias = _case(*shape, rows)
+    for b in (None, bias):
+        y = numba_kernels.dense_linear(x, w, b)
+        ref = x @ w.T + (0.0 if b is None else b)
+        bound = SUM_ORDER * (np.abs(x) @ np.abs(w).T + (0.0 if b is None else np.abs(b))) + 1e-30
+        assert y.dtype == np.float32 and y.shape == ref.shape
+        assert (np.abs(y - ref) <= bound).all(), float(np.max(np.abs(y - ref) / bound))
+
+
+def test_dense_linear_keeps_leading_axes_and_memmapped_weights(tmp_path):
+    w, x, bias = _case(40, 24, 6)
+    path = tmp_path / "w.bin"
+    w.tofile(path)
+    wm = np.memmap(path, dtype=np.float32, mode="r", shape=w.shape)  # how a mapped checkpoint's weight arrives
+    y = numba_kernels.dense_linear(x.reshape(2, 3, 24), wm, bias)
+    assert y.shape == (2, 3, 40)
+    np.testing.assert_allclose(y.reshape(6, 40), x @ w.T + bias, rtol=1e-5, atol=1e-5)  # summation order only
+
+
+def test_dense_linear_leaves_everything_else_to_the_reference():
+    w, x, bias = _case(30, 16, 9)
+    ref = nn.linear.reference
+    np.testing.assert_array_equal(numba_kernels.dense_linear(x, w, bias), ref(x, w, bias))  # 9 rows: prefill, BLAS
+    wf = np.asfortranarray(w)  # strided rows: not the loop's layout
+    np.testing.assert_array_equal(numba_kernels.dense_linear(x[:2], wf), ref(x[:2], wf))
+    x64 = x[:2].astype(np.float64)
+    assert numba_kernels.dense_linear(x64, w).dtype == ref(x64, w).dtype  # another dtype: the reference's promotion
+    with pytest.raises(ShapeError):
+        numba_kernels.dense_linear(x[:1, :15], w)  # wrong width: the reference's one-line error
+    with pytest.raises(ShapeError):
+        numba_kernels.dense_linear(x[:1], w, bias[:4])
+
+
+def test_dense_linear_propagates_nan_and_inf():
+    w, x, _ = _case(12, 16, 1)
+    x[0, 3] = np.nan
+    assert np.isnan(numba_kernels.dense_linear(x, w)).all()  # no fastmath nnan: NaN reaches every output
+    w[5, :] = np.inf
+    y = numba_kernels.dense_linear(np.ones((1, 16), dtype=np.float32), w)
+    assert np.isposinf(y[0, 5]) and np.isfinite(np.delete(y[0], 5)).all()
+
+
+def test_only_a_model_past_the_threshold_registers_the_loop(tmp_path, restore_table, monkeypatch):
+    ckpt = write(tmp_path, seed=21, hidden=32, heads=4, kv_heads=1, head_dim=8, layers=2)
+    for t in (np.ndarray, np.memmap):
+        fast_ops._TABLE.get("linear", {}).pop(t, None)
+    npvlm.load(ckpt)  # a few hundred KiB: BLAS from cache, numba not needed
+    assert fast_ops.replacement("linear", np.ndarray) is None
+    monkeypatch.setattr(numpy_backend, "DENSE_KERNEL_BYTES", 0)  # as if it were a DRAM-sized model
+    model = npvlm.load(ckpt)
+    assert fast_ops.replacement("linear", np.ndarray) is numba_kernels.dense_linear
+    assert fast_ops.replacement("linear", np.memmap) is numba_kernels.dense_linear
+    calls = []
+    kernel = numba_kernels._gemv_f32
+    monkeypatch.setattr(numba_kernels, "_gemv_f32", lambda *a: calls.append(a[1].shape) or kernel(*a))
+    hf, margin = hf_generate(ckpt, [image(1), image(2)], ["caption en", "detect cat"], max_new_tokens=10)
+    assert margin > MIN_MARGIN, f"near-tie {margin:.1e}"
+    got = model.generate([image(1), image(2)], ["caption en", "detect cat"], max_new_tokens=10)  # 2 rows a step
+    assert [g.token_ids for g in got] == hf
+    assert len(calls) >= 9 * 2 * 4  # the decode steps ran through the loop: 9+ steps x 2 layers x 4+ Linears

@@ -142,6 +142,15 @@ MUTANTS = [
     Mutant("Ctrl-C not held back while numpy imports", "npvlm/apps/start.py",
            "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n", "",
            k("tests/test_newcomer.py", "inside_the_numpy")),
+    Mutant("bf16 decode kernel skips each row's last weight", "backends/numba_kernels.py",
+           "for k in range(K):  # vectorised", "for k in range(K - 1):  # vectorised",
+           ("tests/test_kernels.py", "-k", "packed_linear_equals")),
+    Mutant("int8 decode kernel forgets the row's scale", "backends/numba_kernels.py",
+           "out[m, n] = s * sn", "out[m, n] = s",
+           ("tests/test_kernels.py", "-k", "packed_linear_equals")),
+    Mutant("float32 decode kernel reads each weight row shifted by one", "backends/numba_kernels.py",
+           "s += xm[k] * wn[k]\n", "s += xm[k] * wn[(k + 1) % K]\n",
+           ("tests/test_dense_kernel.py",)),
 ]
 
 

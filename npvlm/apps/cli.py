@@ -22,9 +22,10 @@ import warnings
 from ..errors import ImageError, NpvlmError
 
 
-def progress_printer(stream=sys.stderr, min_bytes=64 << 20):
+def progress_printer(stream=None, min_bytes=64 << 20):
     """A progress callback for load(): on a terminal a one-line bar redrawn with \\r; into a file or pipe
-    plain lines, one per quarter; nothing for checkpoints under 64 MiB."""
+    plain lines, one per quarter; nothing for checkpoints under 64 MiB. stream: sys.stderr as it is now."""
+    stream = sys.stderr if stream is None else stream
     state = {"t0": time.perf_counter(), "last": 0.0, "quarter": -1}
     tty = hasattr(stream, "isatty") and stream.isatty()
 

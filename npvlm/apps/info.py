@@ -75,9 +75,10 @@ def summary_line(r: dict) -> str:
             f"{tot['above']} above the bound)" + largest)
 
 
-def _progress_display(stream=sys.stderr, min_bytes=64 << 20):
+def _progress_display(stream=None, min_bytes=64 << 20):
     """A progress callback for the scan: tqdm's bar on a terminal (a plain one without tqdm), plain lines (one a
     quarter, no carriage returns) into a file or pipe; nothing for folders under 64 MiB."""
+    stream = sys.stderr if stream is None else stream  # the stderr of now, not of import time
     state = {"t0": time.perf_counter(), "quarter": -1, "bar": None}
     tty = hasattr(stream, "isatty") and stream.isatty()
 

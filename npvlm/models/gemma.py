@@ -37,11 +37,16 @@ def embed(ids, embed_tokens, *, cfg: TextConfig):  # [B, T] int, {weight [V, D]}
 
 
 def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: TextConfig, cache=None, layer=0, at=0,
-                   probs_out=None):
+                   probs_out=None, last_only=False):
     """[B, T, D] -> [B, T, D]; with a cache, the T new keys/values are written `at` (see KVCache.update)
     and the queries attend to what it returns. With a list `probs_out`, the attention weights of the
-    last query are appended to it, float32 [B, H, 1, S] (recomputed from q and k: nothing is kept otherwise)."""
-    q = rope(split_heads(linear(x, **q_proj), cfg.num_attention_heads), cos, sin)  # [B, H, T, E]
+    last query are appended to it, float32 [B, H, 1, S] (recomputed from q and k: nothing is kept otherwise).
+    last_only: keys and values of all T, but only the last position's query -> [B, 1, D]."""
+    if last_only:  # the queries (and their RoPE angles, their mask row) of the last position alone
+        xq, cq, sq, mask = x[:, -1:, :], cos[:, -1:, :], sin[:, -1:, :], None if mask is None else mask[:, :, -1:, :]
+    else:
+        xq, cq, sq = x, cos, sin
+    q = rope(split_heads(linear(xq, **q_proj), cfg.num_attention_heads), cq, sq)  # [B, H, T, E] (T = 1: last_only)
     k = rope(split_heads(linear(x, **k_proj), cfg.num_key_value_heads), cos, sin)  # [B, K, T, E]
     v = split_heads(linear(x, **v_proj), cfg.num_key_value_heads)  # [B, K, T, E]
     if cache is not None:
@@ -54,30 +59,38 @@ def self_attention(x, cos, sin, mask, q_proj, k_proj, v_proj, o_proj, *, cfg: Te
     return linear(merge_heads(o), **o_proj)
 
 
-def gemma_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_layernorm, mlp, *, cfg: TextConfig, **ctx):
+def gemma_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_layernorm, mlp, *, cfg: TextConfig,
+                last_only=False, **ctx):  # [B, T, D] -> [B, T, D] ([B, 1, D]: last_only, see decoder)
     eps = cfg.rms_norm_eps
-    x = x + self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg, **ctx)
+    a = self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg,
+                       last_only=last_only, **ctx)
+    x = (x[:, -1:, :] if last_only else x) + a
     return x + geglu(rms_norm(x, **post_attention_layernorm, eps=eps), **mlp)  # Gemma 1: the pre-MLP norm
 
 
 def gemma2_layer(x, cos, sin, mask, input_layernorm, self_attn, post_attention_layernorm, pre_feedforward_layernorm,
-                 mlp, post_feedforward_layernorm, *, cfg: TextConfig, **ctx):
+                 mlp, post_feedforward_layernorm, *, cfg: TextConfig, last_only=False, **ctx):
     eps = cfg.rms_norm_eps
-    a = self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg, **ctx)
-    x = x + rms_norm(a, **post_attention_layernorm, eps=eps)  # Gemma 2: the attention-output norm
+    a = self_attention(rms_norm(x, **input_layernorm, eps=eps), cos, sin, mask, **self_attn, cfg=cfg,
+                       last_only=last_only, **ctx)
+    x = (x[:, -1:, :] if last_only else x) + rms_norm(a, **post_attention_layernorm, eps=eps)  # the attn-output norm
     m = geglu(rms_norm(x, **pre_feedforward_layernorm, eps=eps), **mlp)
     return x + rms_norm(m, **post_feedforward_layernorm, eps=eps)
 
 
-def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, at=0, probs_out=None):
+def decoder(h, positions, masks, layers, norm, *, cfg: TextConfig, cache=None, at=0, probs_out=None, last_only=False):
     """h [B, T, D] embedded inputs, positions [B, T], masks {"full", "sliding"} additive [B, 1, T, S] -> [B, T, D].
     `layers` and `norm` are the decoder's parameter subtrees (embed_tokens is read by embed and lm_head);
-    `probs_out`: a list that gets each layer's last-query attention weights (see self_attention)."""
+    `probs_out`: a list that gets each layer's last-query attention weights (see self_attention).
+    last_only -> [B, 1, D], the last position's: the last layer still writes all T keys and values into the
+    cache, but no other position's output is read by anything, so its queries, attention output, o_proj and
+    MLP run for the last position alone (as llama.cpp does; on `mid` a tenth of the prefill's FLOPs)."""
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, E] each
     layer_fn = gemma2_layer if cfg.is_gemma2 else gemma_layer
     for j, params in enumerate(layers):
         mask = masks["sliding"] if cfg.is_sliding(j) else masks["full"]
-        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, at=at, probs_out=probs_out)
+        h = layer_fn(h, cos, sin, mask, **params, cfg=cfg, cache=cache, layer=j, at=at, probs_out=probs_out,
+                     last_only=last_only and j == len(layers) - 1)
     return rms_norm(h, **norm, eps=cfg.rms_norm_eps)
 
 

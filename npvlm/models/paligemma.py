@@ -76,9 +76,10 @@ def forward(params, ids, positions, masks, *, cfg: PaliGemmaConfig, image_slot=N
     if feats is not None:
         h = merge_image_features(h, image_slot, feats)
     h = decoder(h, positions, masks, lm["layers"], lm["norm"], cfg=cfg.text, cache=cache, at=at,
-                probs_out=probs_out)  # [B, T, D]
+                probs_out=probs_out, last_only=last_only)  # [B, T, D]; [B, 1, D] with last_only
     if last_only:
-        h = h[:, -1:, :]  # generation needs the next-token logits only: skips most of the V-wide head
+        h = h[:, -1:, :]  # generation needs the next-token logits only: skips most of the V-wide head (and, in
+        #                   the decoder, the last layer's work for the other positions)
     return lm_head(h, lm["embed_tokens"], cfg=cfg.text)
 
 

@@ -147,7 +147,8 @@ class Progress:
     """On a terminal a tqdm bar (when tqdm is installed); otherwise plain lines, no carriage returns. Each step
     is kept in .curve (step, loss, lr, examples/s, elapsed seconds); show_lr adds the lr to what is printed."""
 
-    def __init__(self, steps: int, batch_size: int, stream=sys.stderr, show_lr: bool = False):
+    def __init__(self, steps: int, batch_size: int, stream=None, show_lr: bool = False):
+        stream = sys.stderr if stream is None else stream  # the stderr of now, not of import time
         self.steps, self.batch_size, self.stream, self.curve, self.show_lr = steps, batch_size, stream, [], show_lr
         self.t0 = self.last = time.perf_counter()
         self.bar = None

@@ -138,3 +138,34 @@ def test_decode_steps_have_fixed_shapes(ckpt, monkeypatch):
     assert len(steps) == len(out.token_ids) + (out.finish_reason == "eos") - 1 and steps
     assert all(s == ((1, 1), (1, 1), (1, 1, 1, T + 10), steps[0][3]) for s in steps), steps
     assert steps[0][3] is not int  # the write column is a device array, not a host int baked into the step
+
+
+@pytest.mark.parametrize("shape,seed", [(SHAPE, 11), (dict(model_type="gemma2", hidden=32, heads=4, kv_heads=2, head_dim=8,
+                                                         layers=3, query_pre_attn_scalar=8, sliding_window=4), 23)],
+                         ids=["gemma", "gemma2-sliding"])
+def test_prefill_logits_equal_hf_last_position_on_a_padded_batch(tmp_path, shape, seed):
+    """prefill runs the last layer for the last position only: its next-token logits must still be HF's
+    logits at the last position of each row (left padding: PROMPTS differ in length), and the full pass's."""
+    import torch
+
+    from hf_ref import hf_inputs, hf_model
+    from npvlm.kv_cache import KVCache
+    from npvlm.models.paligemma import forward, prefill, prefix_lm_masks
+    from npvlm.models.paligemma_inputs import load_images, prepare_prompts
+
+    ckpt = write(tmp_path, seed=seed, **shape)
+    model = npvlm.load(ckpt)
+    imgs = [image(i) for i in range(len(PROMPTS))]
+    batch = prepare_prompts(model.tokenizer, model.config, model.backend, PROMPTS)
+    feats = model.encode_images(load_images(imgs))
+    t = model.config.text
+    cache = KVCache(model.params["language_model"]["model"]["norm"]["weight"], t.num_hidden_layers, len(PROMPTS),
+                    t.num_key_value_heads, batch.ids.shape[1] + 1, t.head_dim)
+    ours, _ = prefill(model.params, batch, feats, cache, cfg=model.config)  # [B, V]
+    masks = prefix_lm_masks(batch.valid, batch.prefix, 0, cfg=model.config)
+    full = forward(model.params, batch.ids, batch.positions, masks, cfg=model.config, image_slot=batch.image_slot,
+                   feats=feats)[:, -1, :]
+    with torch.no_grad():
+        hf = hf_model(ckpt)(**hf_inputs(ckpt, imgs, PROMPTS)).logits[:, -1, :].float().numpy()
+    assert np.abs(ours - hf).max() <= 1e-4 * max(1.0, np.abs(hf).max())  # float32, the exactness bar
+    assert np.abs(ours - full).max() <= 1e-5 * max(1.0, np.abs(full).max())  # the same sums, other row counts

@@ -151,6 +151,9 @@ MUTANTS = [
     Mutant("float32 decode kernel reads each weight row shifted by one", "backends/numba_kernels.py",
            "s += xm[k] * wn[k]\n", "s += xm[k] * wn[(k + 1) % K]\n",
            ("tests/test_dense_kernel.py",)),
+    Mutant("prefill's last layer rotates the last query by the first position's angles", "npvlm/models/gemma.py",
+           "x[:, -1:, :], cos[:, -1:, :], sin[:, -1:, :]", "x[:, -1:, :], cos[:, :1, :], sin[:, :1, :]",
+           ("tests/test_generate.py", "-k", "prefill_logits")),
 ]
 
 

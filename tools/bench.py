@@ -199,7 +199,11 @@ def cmd_vs_hf(a):
         res["bandwidth_gb_per_s"] = bw
         for k in names:
             res[f"{k}_fraction_of_bandwidth"] = per_token[k] / (med[k]["ms_per_token"] / 1e3) / 1e9 / bw
-        print(f"read bandwidth (float32 GEMV, {threads} threads): {bw:.1f} GB/s; a decode step reads "
+        ways = {w: _median(rows, "bandwidth", f"{w}_gb_per_s") for w in ("blas", "numba")
+                if f"{w}_gb_per_s" in rows[0]["bandwidth"]}
+        res.update({f"bandwidth_{w}_gb_per_s": v for w, v in ways.items()})
+        print(f"read bandwidth (float32 GEMV, {threads} threads; the faster of "
+              + ", ".join(f"{w} {v:.1f}" for w, v in ways.items()) + f"): {bw:.1f} GB/s; a decode step reads "
               + ", ".join(f"{k} {per_token[k] / 1e9:.3f} GB at {res[k + '_fraction_of_bandwidth']:.0%}" for k in names))
     return res
 

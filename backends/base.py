@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -14,6 +16,7 @@ class Backend:
     to_host(x)    backend array -> host NumPy array (waits for the device)
     synchronize() wait until queued device work is done (before reading a timer)
     peak_memory() bytes of device memory at peak, or None where the process RSS says it all
+    decoding()    a context for one decode step: how its threads are to be shared out (a no-op but on numpy)
     """
 
     name = "base"
@@ -44,6 +47,10 @@ class Backend:
 
     def set_threads(self, n: int) -> None:
         """Limit the CPU threads of the BLAS library (no-op where irrelevant)."""
+
+    def decoding(self):
+        """Context manager around one decode step (generate's loop and the server's step use it)."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"<npvlm backend {self.name}>"

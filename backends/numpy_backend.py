@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -40,17 +41,22 @@ class NumpyBackend(Backend):
         return np.asarray(x)
 
     _threads = None  # set_threads(n), applied to numba too once it is imported
+    _kernels = False  # numba's kernels registered (pack_weights): decode's weights stream through its threads
+    _blas = None  # threadpoolctl's handle on the BLAS library, made once (0.2 ms), for decoding()
 
     def pack_weights(self, flat: dict, weights: str) -> dict:
         """Bf16Weight / Int8Weight for the Linear weights (packing.py), and the numba kernels that read them
         registered now, not at import: importing numba costs ~0.5 s, which a small model never pays. Without
         numba (the `fast` extra) nn.linear widens them on its reference path: same numbers, slower. A float32
-        model of DENSE_KERNEL_BYTES or more gets numba's float32 decode loop too (dense_linear); a smaller
-        one decodes from the cache, where BLAS is as fast and the import would cost more than it saves."""
+        model of DENSE_KERNEL_BYTES or more gets numba's float32 decode loop too (dense_linear) where it
+        out-reads BLAS on this CPU (measured once, numba_kernels.dense_beats_blas); a smaller one decodes
+        from the cache, where BLAS is as fast and the import would cost more than it saves."""
         from .packing import pack_weights
 
         out = pack_weights(flat, weights)
         dense = weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) >= DENSE_KERNEL_BYTES
+        if dense:
+            dense = _dense_loop_wins(self._threads)
         if weights != "float32" or dense:
             # numba's OpenMP threads spin-wait between parallel calls by default, and a decode step alternates
             # them with BLAS calls on the same cores: measured on 2 cores (mid preset, bf16), 423 ms a token
@@ -58,9 +64,27 @@ class NumpyBackend(Backend):
             os.environ.setdefault("OMP_WAIT_POLICY", "passive")
             from .numba_kernels import register_numba_kernels
 
-            if register_numba_kernels(dense=dense) and self._threads is not None:
-                _numba_threads(self._threads)
+            if register_numba_kernels(dense=dense):
+                NumpyBackend._kernels = True  # the registry is process-wide, and so is this
+                if self._threads is not None:
+                    _numba_threads(self._threads)
         return out
+
+    def decoding(self):
+        """One BLAS thread while numba's kernels stream the weights. A decode step's Linear layers then run on
+        numba's threads, and what BLAS still does (attention against the cache) is small; but OpenBLAS's idle
+        threads spin for a while after each call, on the cores numba needs. Measured on this 2-core machine
+        (3B shapes, int8): 248 ms a token with 2 BLAS threads in decode, 137 ms with 1. Prefill, outside this
+        context, keeps every BLAS thread (its GEMMs need them)."""
+        if not NumpyBackend._kernels:
+            return contextlib.nullcontext()  # BLAS does the decode's work itself: it keeps its threads
+        if NumpyBackend._blas is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:  # a dependency, but keep a working fallback
+                return contextlib.nullcontext()
+            NumpyBackend._blas = ThreadpoolController().select(user_api="blas")
+        return NumpyBackend._blas.limit(limits=1)
 
     def set_threads(self, n: int) -> None:
         self._threads = int(n)
@@ -71,6 +95,19 @@ class NumpyBackend(Backend):
         except ImportError:  # threadpoolctl is a dependency, but keep a working fallback
             return
         self._limits = threadpool_limits(limits=int(n), user_api="blas")
+
+
+def _dense_loop_wins(threads) -> bool:
+    """numba's float32 loop where it out-reads BLAS on this CPU (numba_kernels.dense_beats_blas), both on the
+    threads they would decode with; False without numba."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before libgomp loads: see pack_weights
+    from . import numba_kernels
+
+    if not numba_kernels.HAVE_NUMBA:
+        return False
+    if threads is not None:
+        _numba_threads(threads)
+    return numba_kernels.dense_beats_blas()
 
 
 def _numba_threads(n: int) -> None:

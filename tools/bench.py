@@ -74,7 +74,8 @@ def decode_step_seconds(model, position, steps=20):
         for i in range(steps):
             t0 = time.perf_counter()
             state = advance(state, nxt)
-            nxt = xp.argmax(decode_step(model.params, state, cfg=cfg), axis=-1)
+            with be.decoding():
+                nxt = xp.argmax(decode_step(model.params, state, cfg=cfg), axis=-1)
             be.to_host(nxt)
             step_times.append(time.perf_counter() - t0)
         times.append(statistics.median(step_times))

@@ -109,7 +109,8 @@ def generate_tokens(params, cfg, backend, prompt, feats, sampling: Sampling, sto
                 break
             state = advance(state, xp.astype(chosen, xp.int64))
             probs = None if maps is None else []
-            chosen = _pick(decode_step(params, state, cfg=cfg, probs_out=probs), sampling, rng)
+            with backend.decoding():  # the backend's thread plan for a decode step (numpy: one BLAS thread)
+                chosen = _pick(decode_step(params, state, cfg=cfg, probs_out=probs), sampling, rng)
             _keep_maps(maps, probs, prompt, feats, backend)
             ids = [int(i) for i in backend.to_host(chosen)]
     finally:

@@ -206,7 +206,8 @@ class Engine:
                             cols=xp.asarray([f[2] for f in feeds], dtype=xp.int64),
                             key_valid=xp.ones((B, C), dtype=xp.bool))
         probs = [] if any(r is not None and r.attention for r in rows) else None
-        logits = decode_step(self.model.params, state, cfg=self.cfg, probs_out=probs)  # [B, V]
+        with self.backend.decoding():  # the backend's thread plan for a decode step (numpy: one BLAS thread)
+            logits = decode_step(self.model.params, state, cfg=self.cfg, probs_out=probs)  # [B, V]
         maps = None if probs is None else self.backend.to_host(self._image_maps(probs))  # [B, L, N]
         ids = [int(i) for i in self.backend.to_host(self._pick(logits, rows))]
         for b, r in enumerate(rows):

@@ -14,8 +14,9 @@ widening happens in registers on the way to the multiply-add and the float32 cop
         M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
                                         float32 buffer and let BLAS (numpy matmul) multiply it, block
                                         after block: never a whole float32 copy of the weight
-    dense_linear(x, w, bias)        the same one-pass loop for float32 weights in decode (nothing to widen:
-                                        it streams a DRAM-sized weight faster than OpenBLAS's sgemv here)
+    dense_linear(x, w, bias)        the same one-pass loop for float32 weights in decode (nothing to widen),
+                                        used where dense_beats_blas() measures it streaming a DRAM-sized
+                                        weight faster than the BLAS's sgemv (it depends on the CPU)
     register_numba_kernels(dense)   makes packed_linear the `linear` of both containers (fast_ops), and with
                                         dense=True dense_linear that of float32 numpy arrays
 
@@ -33,6 +34,8 @@ numba is optional (`npvlm[fast]`): without it `register_numba_kernels()` returns
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -171,6 +174,35 @@ def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -
     if bias is not None:
         out += bias
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+_DENSE_WINS: "bool | None" = None  # dense_beats_blas()'s answer, measured once a process
+
+
+def dense_beats_blas(mib: int = 32, rounds: int = 3, margin: float = 0.9) -> bool:
+    """Whether dense_linear streams float32 weights faster than BLAS's GEMV on this machine: both read the
+    same two `mib` MiB matrices (DRAM-sized: more than common L3s), taking turns, best of `rounds`; the loop
+    must take at most `margin` of BLAS's time. Which wins depends on the CPU: measured, the loop out-read
+    OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on `mid`) and lost on an AVX2 EPYC
+    (46 against 35 ms). Measured once a process (~30 ms), so the choice never changes under a running model."""
+    global _DENSE_WINS
+    if _DENSE_WINS is None:
+        rows = (mib << 20) // (4 * 4096)
+        ws = [np.full((rows, 4096), 0.5, dtype=np.float32) for _ in range(2)]
+        x = np.ones((1, 4096), dtype=np.float32)
+        out = np.empty((1, rows), dtype=np.float32)
+        ways = {"loop": lambda w: _gemv_f32(x, w, out), "blas": lambda w: np.matmul(x, w.T, out=out)}
+        best = {k: float("inf") for k in ways}
+        with numba.parallel_chunksize(CHUNK):
+            for r in range(rounds + 1):  # round 0 warms up (pages touched, the loop compiled or loaded)
+                for k, way in ways.items():
+                    t = time.perf_counter()
+                    for w in ws:
+                        way(w)
+                    if r:
+                        best[k] = min(best[k], time.perf_counter() - t)
+        _DENSE_WINS = best["loop"] <= margin * best["blas"]
+    return _DENSE_WINS
 
 
 def _reference_linear(x, weight, bias):

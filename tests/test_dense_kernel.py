@@ -4,9 +4,10 @@
                 sizes that are no multiple of anything, with and without bias, [B, T, in] inputs
     fallback    prefill rows, other dtypes, strided weights and bad shapes go to the reference
                 unchanged (bit for bit, or its ShapeError)
-    load        a float32 model of DENSE_KERNEL_BYTES or more registers it, a smaller one does not
-                (numba's import is not paid for a model that decodes from cache); with it, the decode
-                steps run through the loop and greedy tokens equal HF's
+    load        a float32 model of DENSE_KERNEL_BYTES or more registers it where the loop out-reads BLAS on
+                this CPU (measured once), a smaller one never (numba's import is not paid for a model that
+                decodes from cache); with it, the decode steps run through the loop and greedy tokens equal
+                HF's, and they run with one BLAS thread (the loop's threads stream the weights)
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def test_only_a_model_past_the_threshold_registers_the_loop(tmp_path, restore_ta
     npvlm.load(ckpt)  # a few hundred KiB: BLAS from cache, numba not needed
     assert fast_ops.replacement("linear", np.ndarray) is None
     monkeypatch.setattr(numpy_backend, "DENSE_KERNEL_BYTES", 0)  # as if it were a DRAM-sized model
+    monkeypatch.setattr(numba_kernels, "_DENSE_WINS", True)  # on a CPU where the loop out-reads BLAS
     model = npvlm.load(ckpt)
     assert fast_ops.replacement("linear", np.ndarray) is numba_kernels.dense_linear
     assert fast_ops.replacement("linear", np.memmap) is numba_kernels.dense_linear
@@ -104,3 +106,53 @@ def test_only_a_model_past_the_threshold_registers_the_loop(tmp_path, restore_ta
     got = model.generate([image(1), image(2)], ["caption en", "detect cat"], max_new_tokens=10)  # 2 rows a step
     assert [g.token_ids for g in got] == hf
     assert len(calls) >= 9 * 2 * 4  # the decode steps ran through the loop: 9+ steps x 2 layers x 4+ Linears
+
+def test_where_blas_reads_faster_a_large_model_keeps_blas(tmp_path, restore_table, monkeypatch):
+    ckpt = write(tmp_path, seed=21, hidden=32, heads=4, kv_heads=1, head_dim=8, layers=2)
+    for t in (np.ndarray, np.memmap):
+        fast_ops._TABLE.get("linear", {}).pop(t, None)
+    monkeypatch.setattr(numpy_backend, "DENSE_KERNEL_BYTES", 0)
+    monkeypatch.setattr(numba_kernels, "_DENSE_WINS", False)  # a CPU where BLAS's sgemv streams faster
+    npvlm.load(ckpt)
+    assert fast_ops.replacement("linear", np.ndarray) is None
+
+
+def test_the_calibration_measures_once_and_picks_blas_over_a_slower_loop(monkeypatch):
+    """A loop made 20 ms slower a matrix than anything BLAS takes on 2 MiB loses; the answer is measured once."""
+    import time
+
+    monkeypatch.setattr(numba_kernels, "_DENSE_WINS", None)
+    calls = []
+    kernel = numba_kernels._gemv_f32
+    monkeypatch.setattr(numba_kernels, "_gemv_f32",
+                        lambda *a: calls.append(a[1].shape) or time.sleep(0.02) or kernel(*a))
+    assert numba_kernels.dense_beats_blas(mib=2, rounds=2) is False
+    assert len(calls) == 3 * 2  # warm-up + 2 rounds, over both matrices
+    assert numba_kernels.dense_beats_blas(mib=2, rounds=2) is False and len(calls) == 6  # cached: not re-measured
+
+
+def test_decode_steps_run_on_one_blas_thread_beside_the_kernels(tmp_path, restore_table, monkeypatch):
+    """OpenBLAS's idle threads spin after each call on the cores numba's kernels stream the weights with (3B int8
+    here: 248 against 137 ms a token), so with the kernels registered a decode step gets one BLAS thread;
+    prefill, whose GEMMs need them all, keeps every thread, and so does the caller afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from npvlm.generation import generate as gen
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    ckpt = write(tmp_path, seed=21, hidden=32, heads=4, kv_heads=1, head_dim=8, layers=2)
+    model = npvlm.load(ckpt, weights="bfloat16")  # packed weights: numba's kernels registered
+    seen = {"prefill": [], "decode": []}
+    for name, key in (("prefill", "prefill"), ("decode_step", "decode")):
+        fn = getattr(gen, name)
+        monkeypatch.setattr(gen, name, lambda *a, _fn=fn, _k=key, **k: seen[_k].append(blas_threads()) or _fn(*a, **k))
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        model.generate(image(1), "caption en", max_new_tokens=6)
+        after = blas_threads()
+    assert before and all(n == 2 for n in before), f"this test needs a 2-thread BLAS, got {before}"
+    assert seen["prefill"] == [before]
+    assert len(seen["decode"]) >= 1 and all(t == [1] * len(before) for t in seen["decode"]), seen["decode"]
+    assert after == before

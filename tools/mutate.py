@@ -154,6 +154,12 @@ MUTANTS = [
     Mutant("prefill's last layer rotates the last query by the first position's angles", "npvlm/models/gemma.py",
            "x[:, -1:, :], cos[:, -1:, :], sin[:, -1:, :]", "x[:, -1:, :], cos[:, :1, :], sin[:, :1, :]",
            ("tests/test_generate.py", "-k", "prefill_logits")),
+    Mutant("decode steps keep every BLAS thread beside numba's kernels", "npvlm/generation/generate.py",
+           "            with backend.decoding():", "            if True:",
+           ("tests/test_dense_kernel.py", "-k", "one_blas_thread")),
+    Mutant("the dense calibration ignores its margin", "backends/numba_kernels.py",
+           "_DENSE_WINS = best[\"loop\"] <= margin * best[\"blas\"]", "_DENSE_WINS = True",
+           ("tests/test_dense_kernel.py", "-k", "calibration or keeps_blas")),
 ]
 
 

@@ -16,7 +16,7 @@ from .errors import (BackendError, CheckpointError, ConfigError, GenerationError
 
 class _CheckoutBackends:
     """backends/ sits at the top of the repository (the design card's layout) and installs as npvlm.backends.
-    From a plain checkout, where nothing is installed, a finder maps that folder to the same name. It is only
+    From a checkout (installed editable or not at all), a finder maps that folder to the same name. It is only
     looked up, not imported, here: `import npvlm` stays cheap (a few ms), which keeps the window in which a
     Ctrl-C at start-up could still meet Python's default handler as short as it can be."""
 
@@ -37,11 +37,9 @@ def _find_checkout_backends():
     init_file = _os.path.join(_os.path.dirname(here), "backends", "__init__.py")
     if _os.path.isdir(_os.path.join(here, "backends")) or not _os.path.isfile(init_file):
         return
-    import importlib.util
-
-    if importlib.util.find_spec(__name__ + ".backends") is not None:  # an install (editable or not) knows where it is
-        return
-    _sys.meta_path.append(_CheckoutBackends(init_file))
+    # first in line: the backends/ beside this very npvlm/ wins over any install's mapping (an editable install
+    # of another checkout, as tools/mutate.py's scratch copies meet it, would otherwise lend them its backends/)
+    _sys.meta_path.insert(0, _CheckoutBackends(init_file))
 
 
 _find_checkout_backends()

@@ -101,6 +101,23 @@ def test_jsonl_rows_images_and_seeds(tmp_path):
         make_shapes_jsonl.main(["--out", str(tmp_path), "--rows", "10", "--seed0", str(EVAL_SEED0 - 2)])
 
 
+def test_jsonl_shares_of_names_three_classes_and_captions(tmp_path):
+    """--named-share / --three-share shape the `detect A ; B` rows, --caption-share the replay (binomial bounds at
+    400 rows, loose: > 4 standard deviations)."""
+    assert make_shapes_jsonl.main(["--out", str(tmp_path), "--rows", "400", "--seed0", "800", "--multi-share", "0.5",
+                                   "--named-share", "1", "--three-share", "0", "--caption-share", "0.6"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    multi = [r for r in rows if task_kind(r["prefix"]) == "detect_multi"]
+    replay = [r for r in rows if task_kind(r["prefix"]) != "detect_multi"]
+    assert all(len(classes_of(r["prefix"])) == 2 for r in multi)  # --three-share 0: always two classes
+    assert all(all(" " in c for c in classes_of(r["prefix"])) for r in multi)  # --named-share 1: "colour kind"
+    captions = sum(task_kind(r["prefix"]) == "caption" for r in replay)
+    assert 0.45 * len(replay) <= captions <= 0.75 * len(replay)  # --caption-share 0.6 of the replay
+    assert make_shapes_jsonl.replay_mix(0.4)["caption"] == pytest.approx(0.18 / 0.5 * 0.6)  # train_shapes' ratio
+    with pytest.raises(ValueError):
+        make_shapes_jsonl.replay_mix(0.5, 0.6)
+
+
 def test_bf16_weights_round_as_torch_does(tmp_path):
     import torch
     from safetensors.torch import load_file

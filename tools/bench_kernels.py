@@ -8,6 +8,11 @@ Each variant cycles through enough copies of its weight that one round reads mor
 (so every call streams from DRAM), the variants alternate within each round (their order rotates
 each round), and the table gives medians: fair ratios on a machine that others are loading too.
 GB/s counts the bytes of weights read. Part 2: the lean elementwise ops vs nn's references.
+
+OpenBLAS's idle threads spin for ~2^28 cycles after each call, on the cores numba's threads then need: with the
+float32 variant's BLAS call just before, the kernels measured at 2 threads ran slower than at 1 (int8 5.7 against
+9.9 Gparam/s). A model never alternates the two like this (its decode steps run on one BLAS thread beside the
+kernels, and the CLI sets the shortest wait), so the tool sets OPENBLAS_THREAD_TIMEOUT=4 too, unless it is set.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import os
 import platform
 import time
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS: see the docstring
+import numpy as np  # noqa: E402
 
-from npvlm import fast_ops, nn
-from npvlm.backends import numba_kernels, numpy_fast, packing
+from npvlm import fast_ops, nn  # noqa: E402
+from npvlm.backends import numba_kernels, numpy_fast, packing  # noqa: E402
 
 STREAM_BYTES = 3 * 32 << 20  # read at least 3x a 32 MiB L3 per call sequence, so no variant runs from cache
 

@@ -25,12 +25,13 @@ def write(tmp_dir, preset="tiny-tok", **kw) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def hf_model(model_dir: str):
+def hf_model(model_dir: str, dtype: str = "float32"):
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
     torch.manual_seed(0)
-    m = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    m = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                          attn_implementation="eager")
     return m.eval()
 
 
@@ -54,14 +55,16 @@ def hf_inputs(model_dir, images, prompts, suffix=None):
     return proc(images=list(images), text=text, suffix=suffix, return_tensors="pt", padding="longest")
 
 
-def hf_logits(model_dir, img, prompt, suffix=None) -> np.ndarray:
-    """HF's logits [L, V] over `<image>*N <bos> prompt "\\n" [suffix <eos>]`."""
+def hf_logits(model_dir, img, prompt, suffix=None, dtype: str = "float32") -> np.ndarray:
+    """HF's logits [L, V] over `<image>*N <bos> prompt "\\n" [suffix <eos>]`, as float32; with dtype="float64" HF's
+    own model computed in float64 (the weights widened exactly): the value both float32 runs approximate."""
     import torch
 
     inputs = hf_inputs(model_dir, [img], [prompt], [suffix] if suffix is not None else None)
     inputs.pop("labels", None)
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
     with torch.no_grad():
-        return hf_model(model_dir)(**inputs).logits[0].float().numpy()
+        return hf_model(model_dir, dtype)(**inputs).logits[0].float().numpy()
 
 
 def hf_generate(model_dir, images, prompts, max_new_tokens=32):

@@ -184,7 +184,7 @@ def dense_beats_blas(mib: int = 32, rounds: int = 3, margin: float = 0.9) -> boo
     same two `mib` MiB matrices (DRAM-sized: more than common L3s), taking turns, best of `rounds`; the loop
     must take at most `margin` of BLAS's time. Which wins depends on the CPU: measured, the loop out-read
     OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on `mid`) and lost on an AVX2 EPYC
-    (46 against 35 ms). Measured once a process (~30 ms), so the choice never changes under a running model."""
+    (46 against 35 ms). Measured once a process (75 ms here), so the choice never changes under a running model."""
     global _DENSE_WINS
     if _DENSE_WINS is None:
         rows = (mib << 20) // (4 * 4096)

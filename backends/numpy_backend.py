@@ -9,7 +9,8 @@ import sys
 import numpy as np
 from array_api_compat import array_namespace
 
-from ..fast_ops import register
+from ..fast_ops import register, replacement
+from ..packed import Bf16Weight
 from .base import Backend
 from .numpy_fast import register_numpy_fast_ops
 
@@ -41,7 +42,6 @@ class NumpyBackend(Backend):
         return np.asarray(x)
 
     _threads = None  # set_threads(n), applied to numba too once it is imported
-    _kernels = False  # numba's kernels registered (pack_weights): decode's weights stream through its threads
     _blas = None  # threadpoolctl's handle on the BLAS library, made once (0.2 ms), for decoding()
 
     def pack_weights(self, flat: dict, weights: str) -> dict:
@@ -54,20 +54,21 @@ class NumpyBackend(Backend):
         from .packing import pack_weights
 
         out = pack_weights(flat, weights)
-        dense = weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) >= DENSE_KERNEL_BYTES
-        if dense:
-            dense = _dense_loop_wins(self._threads)
-        if weights != "float32" or dense:
-            # numba's OpenMP threads spin-wait between parallel calls by default, and a decode step alternates
-            # them with BLAS calls on the same cores: measured on 2 cores (mid preset, bf16), 423 ms a token
-            # with spinning, 38-72 ms with passive waiting. Must be set before libgomp loads (first kernel call).
-            os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-            from .numba_kernels import register_numba_kernels
+        if weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) < DENSE_KERNEL_BYTES:
+            return out  # decodes from the cache through BLAS: numba is not imported
+        # numba's OpenMP threads spin-wait between parallel calls by default, and a decode step alternates
+        # them with BLAS calls on the same cores: measured on 2 cores (mid preset, bf16), 423 ms a token
+        # with spinning, 38-72 ms with passive waiting. Must be set before libgomp loads (first kernel call).
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        from . import numba_kernels
 
-            if register_numba_kernels(dense=dense):
-                NumpyBackend._kernels = True  # the registry is process-wide, and so is this
-                if self._threads is not None:
-                    _numba_threads(self._threads)
+        if not numba_kernels.HAVE_NUMBA:
+            return out
+        if self._threads is not None:
+            _numba_threads(self._threads)  # before the calibration, which times the loop on these threads
+        dense = weights == "float32" and numba_kernels.dense_beats_blas()
+        if weights != "float32" or dense:
+            numba_kernels.register_numba_kernels(dense=dense)
         return out
 
     def decoding(self):
@@ -76,7 +77,7 @@ class NumpyBackend(Backend):
         threads spin for a while after each call, on the cores numba needs. Measured on this 2-core machine
         (3B shapes, int8): 248 ms a token with 2 BLAS threads in decode, 137 ms with 1. Prefill, outside this
         context, keeps every BLAS thread (its GEMMs need them)."""
-        if not NumpyBackend._kernels:
+        if not _numba_linear_registered():
             return contextlib.nullcontext()  # BLAS does the decode's work itself: it keeps its threads
         if NumpyBackend._blas is None:
             try:
@@ -97,17 +98,12 @@ class NumpyBackend(Backend):
         self._limits = threadpool_limits(limits=int(n), user_api="blas")
 
 
-def _dense_loop_wins(threads) -> bool:
-    """numba's float32 loop where it out-reads BLAS on this CPU (numba_kernels.dense_beats_blas), both on the
-    threads they would decode with; False without numba."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before libgomp loads: see pack_weights
-    from . import numba_kernels
-
-    if not numba_kernels.HAVE_NUMBA:
-        return False
-    if threads is not None:
-        _numba_threads(threads)
-    return numba_kernels.dense_beats_blas()
+def _numba_linear_registered() -> bool:
+    """Whether numba's kernels are nn.linear's (packed weights always, float32 arrays where the loop won): read
+    from the seam's table, the one record of it (tests that restore the table restore this too)."""
+    kernels = sys.modules.get(__package__ + ".numba_kernels")
+    return kernels is not None and any(replacement("linear", t) in (kernels.packed_linear, kernels.dense_linear)
+                                       for t in (Bf16Weight, np.ndarray))
 
 
 def _numba_threads(n: int) -> None:

@@ -96,8 +96,9 @@ def layer_norm(x, weight, bias, eps=1e-6):  # [..., D], [D], [D] -> [..., D]: (x
     D = x.shape[-1]
     rows = x.reshape(-1, D)
     out = np.empty_like(rows)
-    t = np.empty((min(rows.shape[0], max(1, BLOCK_FLOATS // max(1, D))), D), dtype=np.float32)
-    for a, b in _row_blocks(*rows.shape):
+    blocks = _row_blocks(*rows.shape)
+    t = np.empty((blocks[0][1], D), dtype=np.float32)  # squares of one block (the first is the largest)
+    for a, b in blocks:
         xb, ob, tb = rows[a:b], out[a:b], t[: b - a]
         np.subtract(xb, xb.mean(axis=-1, keepdims=True), out=ob)  # centred
         np.multiply(ob, ob, out=tb)

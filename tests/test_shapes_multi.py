@@ -133,3 +133,48 @@ def test_bf16_weights_round_as_torch_does(tmp_path):
     back = load_file(str(tmp_path / "m.safetensors"))  # safetensors' own reader takes the file
     assert back["w"].dtype == torch.bfloat16 and back["w"].shape == (12_500, 4)
     assert torch.equal(back["b"], torch.from_numpy(x[-8:]).to(torch.bfloat16))
+
+
+def test_interpolate_weights_blends_bf16_and_f32_folders(tmp_path):
+    """tools/interpolate_weights.py (WiSE-FT / model soups): alpha 0 gives the base exactly, alpha 1 the tuned
+    model, 0.25 the float32 blend (exact to float32 rounding, rtol 1e-6); the BF16 base is widened bit-exactly;
+    a mismatch is refused before any folder appears."""
+    from safetensors.numpy import load_file, save_file
+
+    from tools import interpolate_weights
+    from tools.bf16_weights import write_bf16
+
+    rng = np.random.default_rng(1)
+    base = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    base_bf16 = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in base.items()}  # exact in bf16
+    tuned = {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "tuned").mkdir()
+    write_bf16(base_bf16, str(tmp_path / "base" / "model.safetensors"), {"format": "pt"})
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "tuned" / "config.json").write_text('{"model_type": "paligemma"}')
+    for alpha, want in ((0.0, base_bf16), (1.0, tuned),
+                        (0.25, {k: 0.75 * base_bf16[k] + 0.25 * tuned[k] for k in base})):
+        out = tmp_path / f"out{alpha}"
+        assert interpolate_weights.main(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+                                          "--alpha", str(alpha), "--out", str(out)]) == 0
+        got = load_file(str(out / "model.safetensors"))
+        assert (out / "config.json").read_text() == '{"model_type": "paligemma"}'  # the tuned folder's files copied
+        for k in base:
+            assert got[k].dtype == np.float32
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+    save_file({"a": tuned["a"]}, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="different tensors"):
+        interpolate_weights.main(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+                                  "--alpha", "0.5", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".blend-*"))
+
+
+def test_eval_val_split_is_disjoint_from_training_and_held_out_seeds():
+    """--split val picks models without looking at the held-out scenes: its seeds sit above every training seed
+    (make_shapes_jsonl's and train_shapes', below 900000) and train_shapes' validation scenes (900000 + a few
+    thousand), and below the held-out ones (EVAL_SEED0)."""
+    from tools.train_shapes import TRAIN_SEED_LIMIT, VAL_SEED0
+
+    assert TRAIN_SEED_LIMIT <= VAL_SEED0 and VAL_SEED0 + 10_000 < eval_shapes.VAL_SEED0
+    assert eval_shapes.VAL_SEED0 + 10_000 < EVAL_SEED0

@@ -1,6 +1,7 @@
 """Measure the bundled shapes model on held-out scenes (npvlm.shapes.eval_scenes), greedy decoding.
 
     python tools/eval_shapes.py [--model npvlm/demo/shapes_model] [--engine hf|npvlm|both] [--n 200] [--json out.json]
+    python tools/eval_shapes.py --model FINETUNED --engine npvlm --split val --n 400   # choose between models here
 
 Every (prompt, answer) of `npvlm.shapes.tasks(scene)` is asked of each scene; scores per task kind:
   caption     exact match of the whole caption
@@ -36,11 +37,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from npvlm.postprocess import iou, parse_detections  # noqa: E402
-from npvlm.demo.scenes import KINDS, eval_scenes, multi_detect_tasks, task_kind, tasks  # noqa: E402
+from npvlm.demo.scenes import KINDS, eval_scenes, make_scene, multi_detect_tasks, task_kind, tasks  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "npvlm", "demo", "shapes_model")
 TARGETS = {"caption": 0.90, "count": 0.95, "detect": 0.85, "detect_multi": 0.85, "detect_multi_named": 0.85}
 KINDS_SHOWN = ("caption", "count", "count_kind", "colour", "detect", "detect_named", "detect_multi", "detect_multi_named")
+VAL_SEED0 = 920_000  # --split val: scenes for choosing between fine-tuned models, disjoint from the held-out ones
+# (EVAL_SEED0+), from every training seed (below 900000) and from train_shapes' validation scenes (900000 + a few thousand)
 MAX_NEW = 48  # the longest answer (three boxes of a kind) is 3 * 6 + 2 * 2 tokens
 
 
@@ -182,15 +185,18 @@ def main(argv=None):
     ap.add_argument("--weights", choices=["float32", "bfloat16", "int8"], default="float32",
                     help="how npvlm holds the Linear weights (npvlm.load(weights=...)); HF always runs float32")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")
+    ap.add_argument("--split", choices=["heldout", "val"], default="heldout",
+                    help="heldout: the scenes the README reports (seeds 1000000+); val: other unseen scenes (seeds "
+                    f"{VAL_SEED0}+), to choose between models without looking at the held-out ones")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for --engine hf (1 is fastest on a busy machine)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--show", type=int, default=0, help="print the first N wrong answers per engine")
     a = ap.parse_args(argv)
 
-    scenes = eval_scenes(a.n)
+    scenes = eval_scenes(a.n) if a.split == "heldout" else [make_scene(VAL_SEED0 + i) for i in range(a.n)]
     jobs = jobs_for(scenes)
-    print(f"{len(scenes)} held-out scenes (seeds {scenes[0].seed}..{scenes[-1].seed}), {len(jobs)} prompts", file=sys.stderr)
+    print(f"{len(scenes)} {'held-out' if a.split == 'heldout' else 'validation'} scenes (seeds {scenes[0].seed}..{scenes[-1].seed}), {len(jobs)} prompts", file=sys.stderr)
     results, outputs = {}, {}
     engines = ["hf", "npvlm"] if a.engine == "both" else [a.engine]
     for name in engines:

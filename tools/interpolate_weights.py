@@ -16,38 +16,18 @@ model.safetensors holding the blend in float32. Both models must have the same t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-
-
-def read_f32(folder: str) -> dict[str, np.ndarray]:
-    """{name: float32 array} of FOLDER/model.safetensors, whose tensors are F32 or BF16 (the embedded model's)."""
-    path = os.path.join(folder, "model.safetensors")
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = info["data_offsets"]
-        if info["dtype"] == "F32":
-            x = np.frombuffer(data[lo:hi], dtype="<f4")
-        elif info["dtype"] == "BF16":  # a bfloat16 is the top half of a float32
-            x = (np.frombuffer(data[lo:hi], dtype="<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
-        else:
-            raise ValueError(f"{path}: {name} is {info['dtype']}, not F32 or BF16")
-        out[name] = x.reshape(info["shape"]).astype(np.float32)
-    return out
+from npvlm.io.safetensors_file import read_safetensors  # noqa: E402  (F32, BF16, F16 -> float32, validated)
 
 
 def blend(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
@@ -59,7 +39,7 @@ def blend(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], alpha: floa
         if base[k].shape != tuned[k].shape:
             raise ValueError(f"{k}: shape {base[k].shape} in the base model, {tuned[k].shape} in the tuned one")
     a = np.float32(alpha)
-    return {k: ((np.float32(1) - a) * base[k] + a * tuned[k]).astype(np.float32) for k in base}
+    return {k: (np.float32(1) - a) * base[k] + a * tuned[k] for k in base}  # float32 throughout
 
 
 def main(argv=None):
@@ -75,7 +55,7 @@ def main(argv=None):
         ap.error(f"--out {a.out} exists")
     from safetensors.numpy import save_file
 
-    blended = blend(read_f32(a.base), read_f32(a.tuned), a.alpha)
+    blended = blend(*(read_safetensors(os.path.join(d, "model.safetensors")) for d in (a.base, a.tuned)), a.alpha)
     parent = os.path.dirname(os.path.abspath(a.out))
     tmp = tempfile.mkdtemp(prefix=".blend-", dir=parent)
     try:

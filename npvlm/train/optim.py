@@ -170,7 +170,7 @@ class Selection:
     def init(self, flat: dict, seed: int = 0) -> dict:
         if self.kind != "lora":
             return {k: flat[k] for k in self.names}
-        rng, train = np.random.default_rng(seed), {}
+        rng, train = np.random.default_rng(seed), {}  # drawn on the host: the same A for a seed on every backend
         for mod in self.names:
             w = flat[mod + ".weight"]  # [out, in]
             xp, (n_out, n_in) = array_namespace(w), w.shape

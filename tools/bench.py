@@ -117,37 +117,36 @@ class Worker:
         self.proc.wait()
 
 
+def _other_cores(out: dict) -> dict:
+    """Mark a worker's reply with the cores other processes kept busy during its run."""
+    out["other_cores"] = max(0.0, out["machine_busy_s"] - out["own_cpu_s"]) / max(out["wall_s"], 1e-9)
+    return out
+
+
 def alternate(workers: dict, rounds: int, n: int, max_other: float):
     """Rounds in which every worker runs once, the order rotating; a round counts as quiet when, during each
     of its runs, other processes kept less than `max_other` of a core busy. -> (quiet rounds, all rounds).
 
     With a "bandwidth" worker, the probe runs before the first side and after every side, so each side's run is
-    bracketed by two probes: row["bandwidth_around"][side] is their mean, the bandwidth the machine offered
-    while that side ran (a shared host's memory slows down in bursts that /proc/stat does not show), and
-    row["bandwidth"] the round's first probe."""
+    bracketed by two probes: row["bandwidth"]["around"][side] is their mean, the bandwidth the machine offered
+    while that side ran (a shared host's memory slows down in bursts that /proc/stat does not show); the rest
+    of row["bandwidth"] is the round's first probe, with the most other load any of its probes saw."""
     names = [k for k in workers if k != "bandwidth"]
     probe = workers.get("bandwidth")
     every = []
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
-        row, probes = {}, []
-        if probe is not None:
-            probes.append(probe.run(n))
+        row, probes = {}, [] if probe is None else [_other_cores(probe.run(n))]
         for k in order:
-            out = workers[k].run(n)
-            out["other_cores"] = max(0.0, out["machine_busy_s"] - out["own_cpu_s"]) / max(out["wall_s"], 1e-9)
-            row[k] = out
+            row[k] = _other_cores(workers[k].run(n))
             if probe is not None:
-                probes.append(probe.run(n))
+                probes.append(_other_cores(probe.run(n)))
         if probe is not None:
-            for p in probes:
-                p["other_cores"] = max(0.0, p["machine_busy_s"] - p["own_cpu_s"]) / max(p["wall_s"], 1e-9)
-            row["bandwidth"] = dict(probes[0], other_cores=max(p["other_cores"] for p in probes))
-            row["bandwidth_around"] = {k: (probes[i]["gb_per_s"] + probes[i + 1]["gb_per_s"]) / 2
-                                       for i, k in enumerate(order)}
+            row["bandwidth"] = dict(probes[0], other_cores=max(p["other_cores"] for p in probes),
+                                    around={k: (probes[i]["gb_per_s"] + probes[i + 1]["gb_per_s"]) / 2
+                                            for i, k in enumerate(order)})
         every.append(row)
-    quiet = [row for row in every if all(x["other_cores"] <= max_other for k, x in row.items()
-                                         if k != "bandwidth_around")]
+    quiet = [row for row in every if all(x["other_cores"] <= max_other for x in row.values())]
     return quiet, every
 
 
@@ -220,15 +219,15 @@ def cmd_vs_hf(a):
         res["bandwidth_gb_per_s"] = bw
         for k in names:
             res[f"{k}_fraction_of_bandwidth"] = statistics.median(
-                per_token[k] / (row[k]["ms_per_token"] / 1e3) / 1e9 / row["bandwidth_around"][k] for row in rows)
+                per_token[k] / (row[k]["ms_per_token"] / 1e3) / 1e9 / row["bandwidth"]["around"][k] for row in rows)
             res[f"{k}_fraction_of_median_bandwidth"] = per_token[k] / (med[k]["ms_per_token"] / 1e3) / 1e9 / bw
         ways = {w: _median(rows, "bandwidth", f"{w}_gb_per_s") for w in ("blas", "blas_v", "numba")
                 if f"{w}_gb_per_s" in rows[0]["bandwidth"]}
         res.update({f"bandwidth_{w}_gb_per_s": v for w, v in ways.items()})
         print(f"read bandwidth (float32 GEMV, {threads} threads, the best of "
               + ", ".join(f"{w} {v:.1f}" for w, v in ways.items()) + f"; median {bw:.1f} GB/s, "
-              + f"{min(min(r['bandwidth_around'].values()) for r in rows):.1f}-"
-              + f"{max(max(r['bandwidth_around'].values()) for r in rows):.1f}"
+              + f"{min(min(r['bandwidth']['around'].values()) for r in rows):.1f}-"
+              + f"{max(max(r['bandwidth']['around'].values()) for r in rows):.1f}"
               + " over the rounds); a decode step reads "
               + ", ".join(f"{k} {per_token[k] / 1e9:.3f} GB at {res[k + '_fraction_of_bandwidth']:.0%}" for k in names)
               + " of the bandwidth probed just before and after (median over rounds)")

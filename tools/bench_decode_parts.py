@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools.bench_workers import best_read_gb_per_s  # noqa: E402
+
 SHAPES = {  # hidden D, heads H, kv heads K, head dim E, MLP F, layers L, vocabulary V (tools/bench.py's PRESETS)
     "mid": (1024, 8, 1, 128, 8192, 8, 32768),
     "3b": (2048, 8, 1, 256, 16384, 18, 257216),
@@ -52,36 +54,30 @@ def step(layers, head, xs):  # every GEMV of one decode step
     xs[head.shape[1]] @ head.T
 
 
-def probe(mats, x):  # GB/s: the best of three passes over two 256 MiB matrices
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for w in mats:
-            x @ w.T
-        best = max(best, sum(w.nbytes for w in mats) / (time.perf_counter() - t) / 1e9)
-    return best
-
-
 def gemvs(preset: str, rounds: int):
     D, H, K, E, F, L, V = SHAPES[preset]
     separate, fused, head = weights(D, H, K, E, F, L, V)
     nbytes = sum(w.nbytes for ws in fused for w in ws) + head.nbytes
     xs = {n: np.ones((1, 1, n), np.float32) for n in {D, H * E, F}}
     mats = [np.random.default_rng(9 + i).standard_normal((65536, 1024), dtype=np.float32) for i in range(2)]
+    x1024 = np.ones((1, 1, 1024), np.float32)
+
+    def probe():  # the bandwidth probe: two 256 MiB matrices 1024 wide, best of three passes
+        return best_read_gb_per_s(lambda w: x1024 @ w.T, mats)
+
     for _ in range(2):  # warm-up: pages touched, BLAS threads started
         step(separate, head, xs)
         step(fused, head, xs)
-        probe(mats, xs[1024] if 1024 in xs else np.ones((1, 1, 1024), np.float32))
-    x1024 = np.ones((1, 1, 1024), np.float32)
+        probe()
     t = {"separate": [], "fused": []}
     frac = []
     for _ in range(rounds):
-        before = probe(mats, x1024)
+        before = probe()
         for name, layers in (("separate", separate), ("fused", fused)):
             t0 = time.perf_counter()
             step(layers, head, xs)
             t[name].append(time.perf_counter() - t0)
-        after = probe(mats, x1024)
+        after = probe()
         frac.append(nbytes / t["separate"][-1] / 1e9 / ((before + after) / 2))
     ratio = statistics.median(f / s for s, f in zip(t["separate"], t["fused"]))
     sep = statistics.median(t["separate"])

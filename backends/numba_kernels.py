@@ -44,8 +44,9 @@ from npvlm.packed import Bf16Weight, Int8Weight
 
 try:
     import numba
-    from llvmlite import ir
+    from llvmlite import binding as llvm, ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
     HAVE_NUMBA = True
@@ -57,9 +58,16 @@ ROWS = 4  # prefill blocks hold at least this many weight rows
 CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
 BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
 #                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
+PREFETCH_BYTES = 2048  # int8 decode asks for the weight bytes this far ahead of the row it multiplies. The loop eats
+#                       a line of int8 per 64 weights, too slowly for the hardware prefetcher to keep many lines in
+#                       flight: on a 2-core Xeon (480 MiB L3) it streamed 7 GB/s a core from DRAM against 16 for
+#                       float32; with this, 12-13 (2 threads: 14 -> 22 GB/s on 1.5 GiB of 8192 x 1024 weights).
+#                       bf16 and float32 loops gained nothing from it there, so they do without
 _REDUCE = {"reassoc", "contract"}  # vector-lane sums and fused multiply-add only; see the module docstring
 
 if HAVE_NUMBA:
+    # the intrinsic is named after its pointer type: `ptr` since LLVM 15 (opaque pointers), `i8*` before
+    _PREFETCH_NAME = "llvm.prefetch.p0" if llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
 
     @intrinsic
     def _u32_as_f32(typingctx, v):  # reinterpret a uint32 as float32 (LLVM bitcast, no conversion)
@@ -67,6 +75,17 @@ if HAVE_NUMBA:
             return builder.bitcast(args[0], ir.FloatType())
 
         return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _prefetch(typingctx, address):  # ask the cache for the line at `address` (an integer): a hint, never a fault
+        def codegen(context, builder, signature, args):
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                _PREFETCH_NAME)
+            builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])  # read, keep in every level, data
+            return context.get_dummy_value()
+
+        return types.void(types.uintp), codegen
 
     @njit(inline="always")
     def _bf16(b):  # uint16 bfloat16 bits -> float32, exact: they are a float32's top half
@@ -87,7 +106,10 @@ if HAVE_NUMBA:
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_int8(x, q, scale, out):  # [M, K] f32, [N, K] i8, [N] f32 -> out [M, N] f32
         M, K = x.shape
+        ahead = q.ctypes.data + PREFETCH_BYTES  # q is C-contiguous: rows follow each other
         for n in prange(q.shape[0]):
+            for line in range(0, K, 64):  # this row's K bytes, PREFETCH_BYTES further on: see PREFETCH_BYTES
+                _prefetch(numba.uintp(ahead + n * K + line))
             qn, sn = q[n], scale[n]
             for m in range(M):
                 xm = x[m]
@@ -179,25 +201,30 @@ def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -
 _DENSE_WINS: "bool | None" = None  # dense_beats_blas()'s answer, measured once a process
 
 
-def dense_beats_blas(mib: int = 32, rounds: int = 3, margin: float = 0.9) -> bool:
-    """Whether dense_linear streams float32 weights faster than BLAS's GEMV on this machine: both read the
-    same two `mib` MiB matrices (DRAM-sized: more than common L3s), taking turns, best of `rounds`; the loop
-    must take at most `margin` of BLAS's time. Which wins depends on the CPU: measured, the loop out-read
-    OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on `mid`) and lost on an AVX2 EPYC
-    (46 against 35 ms). Measured once a process (75 ms here), so the choice never changes under a running model."""
+def dense_beats_blas(mats=None, mib: int = 32, rounds: int = 3, margin: float = 0.9) -> bool:
+    """Whether dense_linear streams float32 weights faster than BLAS's GEMV on this machine: both read the same
+    matrices, taking turns, best of `rounds`; the loop must take at most `margin` of BLAS's time. `mats`: the
+    model's own decode weights (2-D float32, C-contiguous), so the measure reads what decode reads, from where
+    decode reads it: DRAM, or an L3 that holds them; without them, two `mib` MiB matrices. Which wins depends on
+    the CPU: measured, the loop out-read OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on
+    `mid`) and lost on an AVX2 EPYC (46 against 35 ms). Two fixed 32 MiB matrices misled on a host with a 480 MiB
+    L3: they stayed in the cache, where BLAS is faster, in some runs and not others, and the choice flipped from
+    process to process. Measured once a process, so the choice never changes under a running model."""
     global _DENSE_WINS
     if _DENSE_WINS is None:
-        rows = (mib << 20) // (4 * 4096)
-        ws = [np.full((rows, 4096), 0.5, dtype=np.float32) for _ in range(2)]
-        x = np.ones((1, 4096), dtype=np.float32)
-        out = np.empty((1, rows), dtype=np.float32)
-        ways = {"loop": lambda w: _gemv_f32(x, w, out), "blas": lambda w: np.matmul(x, w.T, out=out)}
+        if mats is None:
+            rows = (mib << 20) // (4 * 4096)
+            mats = [np.full((rows, 4096), 0.5, dtype=np.float32) for _ in range(2)]
+        xs = {w.shape[1]: np.ones((1, w.shape[1]), dtype=np.float32) for w in mats}
+        outs = {w.shape[0]: np.empty((1, w.shape[0]), dtype=np.float32) for w in mats}
+        ways = {"loop": lambda w: _gemv_f32(xs[w.shape[1]], w, outs[w.shape[0]]),
+                "blas": lambda w: np.matmul(xs[w.shape[1]], w.T, out=outs[w.shape[0]])}
         best = {k: float("inf") for k in ways}
         with numba.parallel_chunksize(CHUNK):
             for r in range(rounds + 1):  # round 0 warms up (pages touched, the loop compiled or loaded)
                 for k, way in ways.items():
                     t = time.perf_counter()
-                    for w in ws:
+                    for w in mats:
                         way(w)
                     if r:
                         best[k] = min(best[k], time.perf_counter() - t)

@@ -25,6 +25,8 @@ register("write_columns", np.ndarray, write_columns_inplace)
 register_numpy_fast_ops()  # gelu_tanh, softmax, rms_norm, layer_norm: blocked, in place (numpy_fast.py)
 
 
+SPIN_ROUNDS = "30000"  # numba's idle threads spin this many rounds before they sleep: see pack_weights
+CALIBRATION_BYTES = 1 << 30  # of the model's decode weights timed through the loop and BLAS (both, 4 passes: 0.3 s)
 DENSE_KERNEL_BYTES = 64 << 20  # float32 weights from which decode streams from DRAM (twice the L3 here)
 
 
@@ -56,17 +58,21 @@ class NumpyBackend(Backend):
         out = pack_weights(flat, weights)
         if weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) < DENSE_KERNEL_BYTES:
             return out  # decodes from the cache through BLAS: numba is not imported
-        # numba's OpenMP threads spin-wait between parallel calls by default, and a decode step alternates
-        # them with BLAS calls on the same cores: measured on 2 cores (mid preset, bf16), 423 ms a token
-        # with spinning, 38-72 ms with passive waiting. Must be set before libgomp loads (first kernel call).
+        # numba's OpenMP threads wait between parallel calls. By default they spin for ~300k rounds (ms), on the
+        # cores a decode step's BLAS calls need: measured on 2 cores (mid preset, bf16), 423 ms a token with that,
+        # 38-72 ms with passive waiting. But a passive thread sleeps at once, and waking it costs a futex and an
+        # interrupt: 46 us a call on a 2-core KVM guest, ~57 calls a token (5 ms of mid's 28 ms in int8). So they
+        # spin briefly (GOMP_SPINCOUNT: 0.6 ms of CPU after a call there, longer than a step's gaps between its
+        # Linear layers), then sleep. Both must be set before libgomp loads (the first kernel call).
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
         from . import numba_kernels
 
         if not numba_kernels.HAVE_NUMBA:
             return out
         if self._threads is not None:
             _numba_threads(self._threads)  # before the calibration, which times the loop on these threads
-        dense = weights == "float32" and numba_kernels.dense_beats_blas()
+        dense = weights == "float32" and numba_kernels.dense_beats_blas(_decode_matrices(out))
         if weights != "float32" or dense:
             numba_kernels.register_numba_kernels(dense=dense)
         return out
@@ -104,6 +110,18 @@ def _numba_linear_registered() -> bool:
     kernels = sys.modules.get(__package__ + ".numba_kernels")
     return kernels is not None and any(replacement("linear", t) in (kernels.packed_linear, kernels.dense_linear)
                                        for t in (Bf16Weight, np.ndarray))
+
+
+def _decode_matrices(flat: dict, limit: int = CALIBRATION_BYTES) -> list:
+    """The text decoder's 2-D float32 weights (and the tied head), up to `limit` bytes: what a decode step reads,
+    for numba_kernels.dense_beats_blas to time both ways on."""
+    mats, total = [], 0
+    for name, w in flat.items():
+        if (name.startswith("language_model.") and isinstance(w, np.ndarray) and w.ndim == 2
+                and w.dtype == np.float32 and w.flags.c_contiguous and total < limit):
+            mats.append(w)
+            total += w.nbytes
+    return mats
 
 
 def _numba_threads(n: int) -> None:

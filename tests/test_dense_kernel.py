@@ -131,6 +131,27 @@ def test_the_calibration_measures_once_and_picks_blas_over_a_slower_loop(monkeyp
     assert numba_kernels.dense_beats_blas(mib=2, rounds=2) is False and len(calls) == 6  # cached: not re-measured
 
 
+def test_the_calibration_times_the_models_own_decode_weights(tmp_path, restore_table, monkeypatch):
+    """Two fixed 32 MiB matrices fit a 480 MiB L3 in some runs and not others (the choice flipped from process to
+    process there), so a large float32 model is timed on what its decode steps read: every 2-D float32 weight of
+    the text decoder, the tied head included, and nothing of the vision tower (read once, in prefill)."""
+    ckpt = write(tmp_path, seed=21, hidden=32, heads=4, kv_heads=1, head_dim=8, layers=2)
+    monkeypatch.setattr(numpy_backend, "DENSE_KERNEL_BYTES", 0)
+    monkeypatch.setattr(numba_kernels, "_DENSE_WINS", None)
+    seen = []
+    real = numba_kernels.dense_beats_blas
+    monkeypatch.setattr(numba_kernels, "dense_beats_blas", lambda mats=None, **kw: seen.append(mats) or real(mats, **kw))
+    model = npvlm.load(ckpt)
+    lm = model.params["language_model"]["model"]
+    want = [lm["embed_tokens"]["weight"]] + [w["weight"] for layer in lm["layers"]
+                                              for block in (layer["self_attn"], layer["mlp"]) for w in block.values()]
+    assert len(seen) == 1 and sorted(id(w) for w in seen[0]) == sorted(id(w) for w in want)
+    assert numba_kernels._DENSE_WINS in (True, False)  # measured on them, once
+    few = numpy_backend._decode_matrices({f"language_model.w{i}": np.zeros((4, 256), np.float32) for i in range(9)},
+                                         limit=3 * 4096)
+    assert len(few) == 3  # no more than `limit` bytes of them (1 GiB by default: 0.3 s at load)
+
+
 def test_decode_steps_run_on_one_blas_thread_beside_the_kernels(tmp_path, restore_table, monkeypatch):
     """OpenBLAS's idle threads spin after each call on the cores numba's kernels stream the weights with (3B int8
     here: 248 against 137 ms a token), so with the kernels registered a decode step gets one BLAS thread;

@@ -141,7 +141,10 @@ def bandwidth_side(a):
         from npvlm.backends import numba_kernels
 
         if numba_kernels.HAVE_NUMBA:
-            os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as npvlm sets it: no spinning between BLAS calls
+            from npvlm.backends import numpy_backend
+
+            os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as npvlm sets them: a short spin, then sleep
+            os.environ.setdefault("GOMP_SPINCOUNT", numpy_backend.SPIN_ROUNDS)
             import numba
 
             numba.set_num_threads(max(1, min(a.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)))
@@ -183,6 +186,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--weights", default="float32", help="npvlm: float32 | bfloat16 | int8 (npvlm.load(weights=...))")
     a = ap.parse_args(argv)
+    if a.side == "npvlm" and a.weights in ("bfloat16", "int8"):
+        # as the npvlm command sets it for packed weights (npvlm/apps/start.py), before numpy loads OpenBLAS: its
+        # threads then sleep right after prefill instead of spinning ~0.1 s on the cores numba's decode kernels use
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     limit_threads(a.threads)
     if a.side == "bandwidth":
         a.mib = int(a.dir)

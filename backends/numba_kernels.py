@@ -10,7 +10,9 @@ widening happens in registers on the way to the multiply-add and the float32 cop
                                         registers (bf16: (uint32(bits) << 16) bit-cast to float32;
                                         int8: int -> float) and which LLVM vectorises (AVX2/AVX-512).
                                         One row at a time, not several: measured here, widening 4 or 8
-                                        rows in one loop ran 2-3x slower (the unrolled loop spills)
+                                        rows in one loop ran 2-3x slower (the unrolled loop spills).
+                                        int8 takes a row in 512-byte segments, each asking the memory for
+                                        the bytes 2 KiB ahead (SEGMENT_BYTES, PREFETCH_BYTES)
         M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
                                         float32 buffer and let BLAS (numpy matmul) multiply it, block
                                         after block: never a whole float32 copy of the weight
@@ -58,11 +60,16 @@ ROWS = 4  # prefill blocks hold at least this many weight rows
 CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
 BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
 #                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
-PREFETCH_BYTES = 2048  # int8 decode asks for the weight bytes this far ahead of the row it multiplies. The loop eats
-#                       a line of int8 per 64 weights, too slowly for the hardware prefetcher to keep many lines in
-#                       flight: on a 2-core Xeon (480 MiB L3) it streamed 7 GB/s a core from DRAM against 16 for
-#                       float32; with this, 12-13 (2 threads: 14 -> 22 GB/s on 1.5 GiB of 8192 x 1024 weights).
-#                       bf16 and float32 loops gained nothing from it there, so they do without
+SEGMENT_BYTES = 512  # int8 decode multiplies a row in segments of this many weights (bytes), and before each
+PREFETCH_BYTES = 2048  # asks for the bytes this far ahead (llvm.prefetch). Its loop eats a cache line per 64
+#                       weights, too slowly for the hardware prefetcher to keep enough lines in flight: on a 2-core
+#                       Xeon (480 MiB L3) it streamed 7 GB/s a core from DRAM against 16 for float32. There, over
+#                       1.5 GiB of weights on 2 threads (GB/s, before -> after): 8192 x 1024 14 -> 20,
+#                       16384 x 2048 20 -> 22, 2048 x 16384 14 -> 21; 3B shapes decode 155 -> 131 ms a token
+#                       (`tools/bench.py ab --preset 3b --dtype bfloat16 --weights int8`). Whole rows asked for at once
+#                       did less on long rows (a 16 KiB burst), so did 1 KiB segments or asks 4 KiB ahead. The same
+#                       for bf16 gained on anonymous copies but lost 10 % on 3B's memory-mapped file, and float32's
+#                       loop already reads at BLAS's rate: both do without
 _REDUCE = {"reassoc", "contract"}  # vector-lane sums and fused multiply-add only; see the module docstring
 
 if HAVE_NUMBA:
@@ -91,6 +98,11 @@ if HAVE_NUMBA:
     def _bf16(b):  # uint16 bfloat16 bits -> float32, exact: they are a float32's top half
         return _u32_as_f32(np.uint32(b) << np.uint32(16))
 
+    @njit(inline="always")
+    def _prefetch_lines(address, nbytes):  # every 64-byte line of [address, address + nbytes)
+        for line in range(0, nbytes, 64):
+            _prefetch(numba.uintp(address + line))
+
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_bf16(x, bits, out):  # [M, K] f32, [N, K] u16 -> out [M, N] f32
         M, K = x.shape
@@ -108,15 +120,20 @@ if HAVE_NUMBA:
         M, K = x.shape
         ahead = q.ctypes.data + PREFETCH_BYTES  # q is C-contiguous: rows follow each other
         for n in prange(q.shape[0]):
-            for line in range(0, K, 64):  # this row's K bytes, PREFETCH_BYTES further on: see PREFETCH_BYTES
-                _prefetch(numba.uintp(ahead + n * K + line))
             qn, sn = q[n], scale[n]
             for m in range(M):
-                xm = x[m]
-                s = np.float32(0.0)
-                for k in range(K):  # int8 -> int32 -> float32 in registers, then FMA
-                    s += xm[k] * np.float32(qn[k])
-                out[m, n] = s * sn
+                out[m, n] = 0.0
+            for k0 in range(0, K, SEGMENT_BYTES):  # a row in segments, each asking for the bytes PREFETCH_BYTES on
+                k1 = min(k0 + SEGMENT_BYTES, K)
+                _prefetch_lines(ahead + n * K + k0, k1 - k0)
+                for m in range(M):  # rows of x: the segment stays in L1 between them
+                    xs, qs = x[m, k0:k1], qn[k0:k1]  # slices: indices from 0, so LLVM sees a plain loop
+                    s = np.float32(0.0)
+                    for k in range(k1 - k0):  # int8 -> int32 -> float32 in registers, then FMA
+                        s += xs[k] * np.float32(qs[k])
+                    out[m, n] += s
+            for m in range(M):
+                out[m, n] *= sn
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_f32(x, w, out):  # [M, K] f32, [N, K] f32 -> out [M, N] f32: the same loop, nothing to widen

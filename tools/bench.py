@@ -6,6 +6,7 @@
     python tools/bench.py vs-hf --preset 3b --dtype bfloat16 --weights bfloat16   # the real 3B shapes, a bf16 file
     python tools/bench.py vs-hf --backend cupy   # the same on a GPU (torch on CUDA as the reference)
     python tools/bench.py ab --against DIR       # this checkout vs another checkout of npvlm, same run
+    python tools/bench.py ab --against DIR --dtype bfloat16 --weights int8    # the same with packed weights
 
 Checkpoints are random, written by tools/make_checkpoint.py into a temp folder (or --dir).
 """
@@ -237,16 +238,20 @@ def cmd_vs_hf(a):
 def cmd_ab(a):
     """Two checkouts of npvlm, each in its own persistent process on the same checkpoint, taking turns round by
     round; medians over quiet rounds. Only the public API is used on both sides."""
-    d = checkpoint(a.preset, a.dir)
+    d = checkpoint(a.preset, a.dir, a.dtype)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workers = {"this": Worker("npvlm", d, "--root", here), "other": Worker("npvlm", d, "--root", os.path.abspath(a.against))}
+    if "," in a.weights:
+        raise SystemExit("bench.py ab: one --weights at a time (both checkouts load the same)")
+    workers = {k: Worker("npvlm", d, "--root", root, "--weights", a.weights)
+               for k, root in (("this", here), ("other", os.path.abspath(a.against)))}
     try:
         quiet, every = alternate(workers, a.rounds, a.new_tokens, a.max_other_load)
     finally:
         _close_all(workers)
     rows = quiet if len(quiet) >= 3 else every
     med = {k: {m: _median(rows, k, m) for m in ("first_token_s", "ms_per_token")} for k in workers}
-    res = {"preset": a.preset, "rounds": a.rounds, "quiet_rounds": len(quiet), "new_tokens": a.new_tokens,
+    res = {"preset": a.preset, "dtype": a.dtype, "weights": a.weights, "rounds": a.rounds, "quiet_rounds": len(quiet),
+           "new_tokens": a.new_tokens,
            "other_checkout": os.path.abspath(a.against), "median_this": med["this"], "median_other": med["other"],
            "decode_other_over_this": med["other"]["ms_per_token"] / med["this"]["ms_per_token"],
            "first_token_other_over_this": med["other"]["first_token_s"] / med["this"]["first_token_s"]}
@@ -271,10 +276,10 @@ def main(argv=None):
     ap.add_argument("--preset", default="mid", choices=list(PRESETS))
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--weights", default="float32",
-                    help="vs-hf: npvlm's weights, comma-separated (float32,bfloat16,int8: one npvlm process each)")
+                    help="vs-hf: npvlm's weights, comma-separated (float32,bfloat16,int8: one npvlm process each); ab: one of them")
     ap.add_argument("--dir", help="checkpoint folder to use / create")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="vs-hf: the checkpoint's dtype on disk (bfloat16: as PaliGemma 2 ships; HF widens it to float32)")
+                    help="vs-hf, ab: the checkpoint's dtype on disk (bfloat16: as PaliGemma 2 ships; HF widens it to float32)")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)
     res = {"decode-flat": cmd_decode_flat, "vs-hf": cmd_vs_hf, "ab": cmd_ab}[a.what](a)

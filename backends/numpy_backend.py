@@ -66,6 +66,7 @@ class NumpyBackend(Backend):
         # Linear layers), then sleep. Both must be set before libgomp loads (the first kernel call).
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
+        _prefer_wide_vectors()
         from . import numba_kernels
 
         if not numba_kernels.HAVE_NUMBA:
@@ -122,6 +123,22 @@ def _decode_matrices(flat: dict, limit: int = CALIBRATION_BYTES) -> list:
             mats.append(w)
             total += w.nbytes
     return mats
+
+
+def _prefer_wide_vectors() -> None:
+    """On an AVX-512 CPU, let LLVM vectorise numba's kernels with 512-bit registers. LLVM prefers 256-bit ones on
+    Intel's AVX-512 cores (a clock-speed precaution for code that mixes in little vector work); the decode kernels
+    are nothing but vector work. Done through NUMBA_CPU_FEATURES (the host's features, less `prefer-256-bit`), read
+    once when numba is imported, and only when numba is not imported yet and the user has not set it."""
+    if "NUMBA_CPU_FEATURES" in os.environ or "numba" in sys.modules:
+        return
+    try:
+        from llvmlite import binding as llvm
+    except ImportError:  # no numba either: nothing to compile
+        return
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" in features.split(","):
+        os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
 
 
 def _numba_threads(n: int) -> None:

@@ -138,13 +138,14 @@ def bandwidth_side(a):
     xs = {K: np.ones((1, 1, K), np.float32) for K in mats}
     ways = {"blas": lambda w, x: x @ w.T, "blas_v": lambda w, x: w @ x[0, 0]}
     try:
+        from npvlm.backends import numpy_backend
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as npvlm sets them: a short spin, then sleep
+        os.environ.setdefault("GOMP_SPINCOUNT", numpy_backend.SPIN_ROUNDS)
+        numpy_backend._prefer_wide_vectors()  # and 512-bit vectors where npvlm asks for them
         from npvlm.backends import numba_kernels
 
         if numba_kernels.HAVE_NUMBA:
-            from npvlm.backends import numpy_backend
-
-            os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as npvlm sets them: a short spin, then sleep
-            os.environ.setdefault("GOMP_SPINCOUNT", numpy_backend.SPIN_ROUNDS)
             import numba
 
             numba.set_num_threads(max(1, min(a.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)))

@@ -37,6 +37,7 @@ numba is optional (`npvlm[fast]`): without it `register_numba_kernels()` returns
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -162,10 +163,22 @@ if HAVE_NUMBA:
                 dst[k] = np.float32(src[k]) * s
 
 
+_BUFFERS = threading.local()  # each thread's widening buffer, kept between calls
+
+
+def _widening_buffer(floats: int) -> np.ndarray:
+    """A float32 buffer of at least `floats` (BLOCK_BYTES at most), this thread's, reused from call to call: a fresh
+    16 MiB array a weight made the kernel fault in and zero every page of it again."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or buf.size < floats:
+        buf = _BUFFERS.buf = np.empty(max(floats, BLOCK_BYTES // 4), dtype=np.float32)
+    return buf[:floats]
+
+
 def _prefill(x2, weight, out):  # [M, K] f32, packed [N, K] -> out [M, N]: BLAS on widened blocks
     N, K = weight.shape
     rows = max(ROWS, BLOCK_BYTES // (4 * max(1, K)))
-    buf = np.empty((min(rows, N), K), dtype=np.float32)
+    buf = _widening_buffer(min(rows, N) * K).reshape(min(rows, N), K)
     for a in range(0, N, rows):
         b = min(a + rows, N)
         if isinstance(weight, Bf16Weight):

@@ -167,8 +167,9 @@ _BUFFERS = threading.local()  # each thread's widening buffer, kept between call
 
 
 def _widening_buffer(floats: int) -> np.ndarray:
-    """A float32 buffer of at least `floats` (BLOCK_BYTES at most), this thread's, reused from call to call: a fresh
-    16 MiB array a weight made the kernel fault in and zero every page of it again."""
+    """`floats` float32s of this thread's widening buffer (BLOCK_BYTES, more for a longer block), kept from call to
+    call: a fresh 16 MiB array a weight had the kernel fault in and zero every page again (a `mid` bf16 prefill's
+    widening took 91 ms that way, 44 ms with this)."""
     buf = getattr(_BUFFERS, "buf", None)
     if buf is None or buf.size < floats:
         buf = _BUFFERS.buf = np.empty(max(floats, BLOCK_BYTES // 4), dtype=np.float32)

@@ -26,8 +26,8 @@ register_numpy_fast_ops()  # gelu_tanh, softmax, rms_norm, layer_norm: blocked, 
 
 
 SPIN_ROUNDS = "30000"  # numba's idle threads spin this many rounds before they sleep: see pack_weights
-CALIBRATION_BYTES = 1 << 30  # of the model's decode weights timed through the loop and BLAS (both, 4 passes: 0.3 s)
-DENSE_KERNEL_BYTES = 64 << 20  # float32 weights from which decode streams from DRAM (twice the L3 here)
+CALIBRATION_BYTES = 1 << 30  # of the model's decode weights timed both ways at load (4 passes each: 0.57 s on mid)
+DENSE_KERNEL_BYTES = 64 << 20  # float32 weights from which decode streams from DRAM (twice a 32 MiB L3)
 
 
 class NumpyBackend(Backend):
@@ -114,8 +114,8 @@ def _numba_linear_registered() -> bool:
 
 
 def _decode_matrices(flat: dict, limit: int = CALIBRATION_BYTES) -> list:
-    """The text decoder's 2-D float32 weights (and the tied head), up to `limit` bytes: what a decode step reads,
-    for numba_kernels.dense_beats_blas to time both ways on."""
+    """The text decoder's 2-D float32 weights (and the tied head) in the checkpoint's order, until `limit` bytes
+    are reached: what a decode step reads, for numba_kernels.dense_beats_blas to time both ways on."""
     mats, total = [], 0
     for name, w in flat.items():
         if (name.startswith("language_model.") and isinstance(w, np.ndarray) and w.ndim == 2

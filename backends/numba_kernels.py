@@ -17,8 +17,8 @@ widening happens in registers on the way to the multiply-add and the float32 cop
                                         float32 buffer and let BLAS (numpy matmul) multiply it, block
                                         after block: never a whole float32 copy of the weight
     dense_linear(x, w, bias)        the same one-pass loop for float32 weights in decode (nothing to widen),
-                                        used where dense_beats_blas() measures it streaming a DRAM-sized
-                                        weight faster than the BLAS's sgemv (it depends on the CPU)
+                                        used where dense_beats_blas() measures it streaming the model's
+                                        decode weights faster than the BLAS's sgemv (it depends on the CPU)
     register_numba_kernels(dense)   makes packed_linear the `linear` of both containers (fast_ops), and with
                                         dense=True dense_linear that of float32 numpy arrays
 
@@ -232,20 +232,17 @@ def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -
 _DENSE_WINS: "bool | None" = None  # dense_beats_blas()'s answer, measured once a process
 
 
-def dense_beats_blas(mats=None, mib: int = 32, rounds: int = 3, margin: float = 0.9) -> bool:
+def dense_beats_blas(mats, rounds: int = 3, margin: float = 0.9) -> bool:
     """Whether dense_linear streams float32 weights faster than BLAS's GEMV on this machine: both read the same
     matrices, taking turns, best of `rounds`; the loop must take at most `margin` of BLAS's time. `mats`: the
     model's own decode weights (2-D float32, C-contiguous), so the measure reads what decode reads, from where
-    decode reads it: DRAM, or an L3 that holds them; without them, two `mib` MiB matrices. Which wins depends on
+    decode reads it: DRAM, or an L3 that holds them. Which wins depends on
     the CPU: measured, the loop out-read OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on
     `mid`) and lost on an AVX2 EPYC (46 against 35 ms). Two fixed 32 MiB matrices misled on a host with a 480 MiB
     L3: they stayed in the cache, where BLAS is faster, in some runs and not others, and the choice flipped from
     process to process. Measured once a process, so the choice never changes under a running model."""
     global _DENSE_WINS
     if _DENSE_WINS is None:
-        if mats is None:
-            rows = (mib << 20) // (4 * 4096)
-            mats = [np.full((rows, 4096), 0.5, dtype=np.float32) for _ in range(2)]
         xs = {w.shape[1]: np.ones((1, w.shape[1]), dtype=np.float32) for w in mats}
         outs = {w.shape[0]: np.empty((1, w.shape[0]), dtype=np.float32) for w in mats}
         ways = {"loop": lambda w: _gemv_f32(xs[w.shape[1]], w, outs[w.shape[0]]),

@@ -25,7 +25,7 @@ register("write_columns", np.ndarray, write_columns_inplace)
 register_numpy_fast_ops()  # gelu_tanh, softmax, rms_norm, layer_norm: blocked, in place (numpy_fast.py)
 
 
-SPIN_ROUNDS = "30000"  # numba's idle threads spin this many rounds before they sleep: see pack_weights
+SPIN_ROUNDS = "30000"  # numba's idle threads spin this many rounds before they sleep: see numba_environment
 CALIBRATION_BYTES = 1 << 30  # of the model's decode weights timed both ways at load (4 passes each: 0.57 s on mid)
 DENSE_KERNEL_BYTES = 64 << 20  # float32 weights from which decode streams from DRAM (twice a 32 MiB L3)
 
@@ -58,15 +58,7 @@ class NumpyBackend(Backend):
         out = pack_weights(flat, weights)
         if weights == "float32" and sum(getattr(v, "nbytes", 0) for v in out.values()) < DENSE_KERNEL_BYTES:
             return out  # decodes from the cache through BLAS: numba is not imported
-        # numba's OpenMP threads wait between parallel calls. By default they spin for ~300k rounds (ms), on the
-        # cores a decode step's BLAS calls need: measured on 2 cores (mid preset, bf16), 423 ms a token with that,
-        # 38-72 ms with passive waiting. But a passive thread sleeps at once, and waking it costs a futex and an
-        # interrupt: 46 us a call on a 2-core KVM guest, ~57 calls a token (5 ms of mid's 28 ms in int8). So they
-        # spin briefly (GOMP_SPINCOUNT: 0.6 ms of CPU after a call there, longer than a step's gaps between its
-        # Linear layers), then sleep. Both must be set before libgomp loads (the first kernel call).
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
-        _prefer_wide_vectors()
+        numba_environment()
         from . import numba_kernels
 
         if not numba_kernels.HAVE_NUMBA:
@@ -123,6 +115,21 @@ def _decode_matrices(flat: dict, limit: int = CALIBRATION_BYTES) -> list:
             mats.append(w)
             total += w.nbytes
     return mats
+
+
+def numba_environment() -> None:
+    """How numba's kernels should run here, set before numba and its OpenMP library load (both read it once then),
+    each setting only where the user has not made it:
+    - numba's OpenMP threads wait between parallel calls. By default they spin for ~300k rounds (ms), on the cores a
+      decode step's BLAS calls need: measured on 2 cores (mid preset, bf16), 423 ms a token with that, 38-72 ms with
+      passive waiting. But a passive thread sleeps at once, and waking it costs a futex and an interrupt: 46 us a
+      call on a 2-core KVM guest, ~57 calls a token (5 ms of mid's 28 ms in int8). So they spin briefly
+      (GOMP_SPINCOUNT: 0.6 ms of CPU after a call there, longer than a step's gaps between its Linear layers), then
+      sleep;
+    - 512-bit vectors on AVX-512 CPUs (_prefer_wide_vectors)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_ROUNDS)
+    _prefer_wide_vectors()
 
 
 def _prefer_wide_vectors() -> None:

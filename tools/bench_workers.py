@@ -140,9 +140,7 @@ def bandwidth_side(a):
     try:
         from npvlm.backends import numpy_backend
 
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as npvlm sets them: a short spin, then sleep
-        os.environ.setdefault("GOMP_SPINCOUNT", numpy_backend.SPIN_ROUNDS)
-        numpy_backend._prefer_wide_vectors()  # and 512-bit vectors where npvlm asks for them
+        numpy_backend.numba_environment()  # numba's threads and vectors as npvlm sets them
         from npvlm.backends import numba_kernels
 
         if numba_kernels.HAVE_NUMBA:

@@ -9,15 +9,16 @@ widening happens in registers on the way to the multiply-add and the float32 cop
                                         rows (prange), each a plain dot product whose loop widens in
                                         registers (bf16: (uint32(bits) << 16) bit-cast to float32;
                                         int8: int -> float) and which LLVM vectorises (AVX2/AVX-512).
-                                        One row at a time, not several: measured here, widening 4 or 8
-                                        rows in one loop ran 2-3x slower (the unrolled loop spills).
+                                        One row at a time, not several: widening 4 or 8 rows in one loop
+                                        ran 2-3x slower on an AVX2 EPYC, and on an AVX-512 Xeon gained
+                                        0-6 % on 3B but lost 11-20 % on `mid` (see DENSE_ROWS).
                                         int8 takes a row in 512-byte segments, each asking the memory for
                                         the bytes 2 KiB ahead (SEGMENT_BYTES, PREFETCH_BYTES)
-        M larger (prefill)             widen a block of rows (BLOCK_BYTES, half the L3) into one reused
+        M larger (prefill)             widen a block of rows (BLOCK_BYTES) into one reused
                                         float32 buffer and let BLAS (numpy matmul) multiply it, block
                                         after block: never a whole float32 copy of the weight
     dense_linear(x, w, bias)        the same one-pass loop for float32 weights in decode (nothing to widen),
-                                        used where dense_beats_blas() measures it streaming the model's
+                                        eight rows side by side (DENSE_ROWS), used where dense_beats_blas() measures it streaming the model's
                                         decode weights faster than the BLAS's sgemv (it depends on the CPU)
     register_numba_kernels(dense)   makes packed_linear the `linear` of both containers (fast_ops), and with
                                         dense=True dense_linear that of float32 numpy arrays
@@ -59,8 +60,15 @@ except ImportError:  # numba is the optional `fast` extra
 DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
 ROWS = 4  # prefill blocks hold at least this many weight rows
 CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
-BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB (half the L3). 2 MiB
-#                      blocks were 3-4x slower at M = 300: each BLAS call re-packs all of x, so blocks must be big
+DENSE_ROWS = 8  # float32 decode reads this many weight rows side by side (_gemv_f32). Their eight streams keep more
+#                 lines in flight than one: over the 3B shapes' 10 GB of mapped float32 (2 threads, a Xeon with a
+#                 480 MiB L3, median GB/s) 1 row a pass 23.3, 2 26.7, 4 28.0, 8 28.3, OpenBLAS's sgemv 25.8; over
+#                 `mid`'s 1 GB 22.1 / 25.5 / 27.3 / 28.1 against 24.1. For bf16 and int8 the same gained 0-6 % on 3B
+#                 and lost 11-20 % on `mid` (their widening, not the memory, sets the pace there): they keep one row
+BLOCK_BYTES = 1 << 25  # float32 bytes of widened weight per BLAS block in prefill: 32 MiB. Each BLAS call re-packs
+#                      all of x, so blocks must hold many rows: 2 MiB blocks were 3-4x slower at M = 300, and at
+#                      M = 270 a 3B down projection [2048, 16384] took 1.30x float32 BLAS's time with 16 MiB blocks
+#                      (256 rows), 1.11x with 32 MiB, 1.10x with 64 MiB (the rest is the widening itself)
 SEGMENT_BYTES = 512  # int8 decode multiplies a row in segments of this many weights (bytes), and before each
 PREFETCH_BYTES = 2048  # asks for the bytes this far ahead (llvm.prefetch). Its loop eats a cache line per 64
 #                       weights, too slowly for the hardware prefetcher to keep enough lines in flight: on a 2-core
@@ -137,16 +145,37 @@ if HAVE_NUMBA:
                 out[m, n] *= sn
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
-    def _gemv_f32(x, w, out):  # [M, K] f32, [N, K] f32 -> out [M, N] f32: the same loop, nothing to widen
+    def _gemv_f32(x, w, out):  # [M, K] f32, [N, K] f32 -> out [M, N] f32: DENSE_ROWS (8) rows a pass, nothing to widen
         M, K = x.shape
-        for n in prange(w.shape[0]):
-            wn = w[n]
-            for m in range(M):
-                xm = x[m]
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += xm[k] * wn[k]
-                out[m, n] = s
+        N = w.shape[0]
+        for p in prange((N + 7) // 8):  # eight output rows per iteration, read side by side: eight streams in flight
+            n = 8 * p
+            if n + 8 <= N:
+                w0, w1, w2, w3, w4, w5, w6, w7 = w[n], w[n + 1], w[n + 2], w[n + 3], w[n + 4], w[n + 5], w[n + 6], w[n + 7]
+                for m in range(M):
+                    xm = x[m]
+                    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+                    for k in range(K):  # vectorised: one x load, eight FMAs per 16 columns
+                        xk = xm[k]
+                        s0 += xk * w0[k]
+                        s1 += xk * w1[k]
+                        s2 += xk * w2[k]
+                        s3 += xk * w3[k]
+                        s4 += xk * w4[k]
+                        s5 += xk * w5[k]
+                        s6 += xk * w6[k]
+                        s7 += xk * w7[k]
+                    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
+                    out[m, n + 4], out[m, n + 5], out[m, n + 6], out[m, n + 7] = s4, s5, s6, s7
+            else:  # the last N % 8 rows, one at a time
+                for r in range(n, N):
+                    wr = w[r]
+                    for m in range(M):
+                        xm = x[m]
+                        s = np.float32(0.0)
+                        for k in range(K):
+                            s += xm[k] * wr[k]
+                        out[m, r] = s
 
     @njit(parallel=True, cache=True)
     def _widen_bf16_rows(bits, a, b, buf):  # bits[a:b] -> buf[:b-a] float32, exact
@@ -222,7 +251,7 @@ def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -
         return _reference_linear(x, weight, bias)
     x2 = np.ascontiguousarray(x.reshape(-1, K))  # [M, K]
     out = np.empty((x2.shape[0], weight.shape[0]), dtype=np.float32)  # [M, N]
-    with numba.parallel_chunksize(CHUNK):
+    with numba.parallel_chunksize(CHUNK // DENSE_ROWS):  # iterations of DENSE_ROWS rows each
         _gemv_f32(x2, weight, out)
     if bias is not None:
         out += bias
@@ -232,9 +261,10 @@ def dense_linear(x, weight, bias=None):  # [..., in], float32 [out, in], [out] -
 _DENSE_WINS: "bool | None" = None  # dense_beats_blas()'s answer, measured once a process
 
 
-def dense_beats_blas(mats, rounds: int = 3, margin: float = 0.9) -> bool:
+def dense_beats_blas(mats, rounds: int = 3, margin: float = 0.95) -> bool:
     """Whether dense_linear streams float32 weights faster than BLAS's GEMV on this machine: both read the same
-    matrices, taking turns, best of `rounds`; the loop must take at most `margin` of BLAS's time. `mats`: the
+    matrices, taking turns, best of `rounds`; the loop must take at most `margin` of BLAS's time (5 % ahead: a
+    tie keeps BLAS; on 3B the eight-row loop reads the layers 8-9 % faster, so 0.9 was too strict). `mats`: the
     model's own decode weights (2-D float32, C-contiguous), so the measure reads what decode reads, from where
     decode reads it: DRAM, or an L3 that holds them. Which wins depends on
     the CPU: measured, the loop out-read OpenBLAS's sgemv on an AVX-512 Xeon (89.6 against 124 ms a token on
@@ -248,7 +278,7 @@ def dense_beats_blas(mats, rounds: int = 3, margin: float = 0.9) -> bool:
         ways = {"loop": lambda w: _gemv_f32(xs[w.shape[1]], w, outs[w.shape[0]]),
                 "blas": lambda w: np.matmul(xs[w.shape[1]], w.T, out=outs[w.shape[0]])}
         best = {k: float("inf") for k in ways}
-        with numba.parallel_chunksize(CHUNK):
+        with numba.parallel_chunksize(CHUNK // DENSE_ROWS):
             for r in range(rounds + 1):  # round 0 warms up (pages touched, the loop compiled or loaded)
                 for k, way in ways.items():
                     t = time.perf_counter()

@@ -151,6 +151,11 @@ def test_the_calibration_times_the_models_own_decode_weights(tmp_path, restore_t
     few = numpy_backend._decode_matrices({f"language_model.w{i}": np.zeros((4, 256), np.float32) for i in range(9)},
                                          limit=3 * 4096)
     assert len(few) == 3  # until `limit` bytes are reached (1 GiB by default: 0.57 s at load on `mid`)
+    assert seen[0][-1] is lm["embed_tokens"]["weight"]  # the tied head last
+    head_first = {"language_model.model.embed_tokens.weight": np.zeros((64, 256), np.float32),
+                  **{f"language_model.model.layers.{i}.mlp.w": np.zeros((4, 256), np.float32) for i in range(4)}}
+    picked = numpy_backend._decode_matrices(head_first, limit=3 * 4096)
+    assert [w.shape for w in picked] == [(4, 256)] * 3  # the layers fill the budget; 3B's 2 GiB head would take it all
 
 
 def test_decode_steps_run_on_one_blas_thread_beside_the_kernels(tmp_path, restore_table, monkeypatch):

@@ -63,8 +63,13 @@ CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared C
 DENSE_ROWS = 8  # float32 decode reads this many weight rows side by side (_gemv_f32). Their eight streams keep more
 #                 lines in flight than one: over the 3B shapes' 10 GB of mapped float32 (2 threads, a Xeon with a
 #                 480 MiB L3, median GB/s) 1 row a pass 23.3, 2 26.7, 4 28.0, 8 28.3, OpenBLAS's sgemv 25.8; over
-#                 `mid`'s 1 GB 22.1 / 25.5 / 27.3 / 28.1 against 24.1. For bf16 and int8 the same gained 0-6 % on 3B
-#                 and lost 11-20 % on `mid` (their widening, not the memory, sets the pace there): they keep one row
+#                 `mid`'s 1 GB 22.1 / 25.5 / 27.3 / 28.1 against 24.1
+BF16_ROWS4_FROM_K = 2048  # bf16 decode reads four rows side by side where rows hold this many weights or more (a 4 KiB
+#                          page), one row where shorter. Measured over mapped bf16 files (2 threads, ms a pass,
+#                          one row / four): the 3B shapes' 5 GB 255 / 215 (every shape faster; 207 / 199 with the file
+#                          freshly written, its page cache in large folios), `mid` [1024, 8192] 0.77 / 0.65, but
+#                          `mid`'s 1024-wide rows 0.82 / 0.90 ([8192, 1024]) and 3.70 / 3.81 (the head). int8 keeps
+#                          one row: four lost 40 % on 3B's 2048-wide rows (its prefetching segments do better)
 BLOCK_BYTES = 1 << 25  # float32 bytes of widened weight per BLAS block in prefill: 32 MiB. Each BLAS call re-packs
 #                      all of x, so blocks must hold many rows: 2 MiB blocks were 3-4x slower at M = 300, and at
 #                      M = 270 a 3B down projection [2048, 16384] took 1.30x float32 BLAS's time with 16 MiB blocks
@@ -123,6 +128,34 @@ if HAVE_NUMBA:
                 for k in range(K):  # vectorised: 16 widenings and one FMA per zmm register
                     s += xm[k] * _bf16(wn[k])
                 out[m, n] = s
+
+    @njit(parallel=True, cache=True, fastmath=_REDUCE)
+    def _gemv_bf16_rows4(x, bits, out):  # as _gemv_bf16, four rows side by side (rows of BF16_ROWS4_FROM_K or more)
+        M, K = x.shape
+        N = bits.shape[0]
+        for p in prange((N + 3) // 4):  # four output rows per iteration: four streams through memory at once
+            n = 4 * p
+            if n + 4 <= N:
+                w0, w1, w2, w3 = bits[n], bits[n + 1], bits[n + 2], bits[n + 3]
+                for m in range(M):
+                    xm = x[m]
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for k in range(K):
+                        xk = xm[k]
+                        s0 += xk * _bf16(w0[k])
+                        s1 += xk * _bf16(w1[k])
+                        s2 += xk * _bf16(w2[k])
+                        s3 += xk * _bf16(w3[k])
+                    out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
+            else:  # the last N % 4 rows, one at a time
+                for r in range(n, N):
+                    wr = bits[r]
+                    for m in range(M):
+                        xm = x[m]
+                        s = np.float32(0.0)
+                        for k in range(K):
+                            s += xm[k] * _bf16(wr[k])
+                        out[m, r] = s
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_int8(x, q, scale, out):  # [M, K] f32, [N, K] i8, [N] f32 -> out [M, N] f32
@@ -226,8 +259,11 @@ def packed_linear(x, weight, bias=None):  # [..., in], packed [out, in], [out] -
     x2 = np.ascontiguousarray(x.reshape(-1, K))  # [M, K]
     out = np.empty((x2.shape[0], N), dtype=np.float32)  # [M, N]
     if x2.shape[0] <= DECODE_ROWS:
-        with numba.parallel_chunksize(CHUNK):  # dynamic hand-out, not one static half per thread
-            if isinstance(weight, Bf16Weight):
+        four = isinstance(weight, Bf16Weight) and K >= BF16_ROWS4_FROM_K
+        with numba.parallel_chunksize(CHUNK // 4 if four else CHUNK):  # dynamic hand-out of CHUNK rows, not halves
+            if four:
+                _gemv_bf16_rows4(x2, np.ascontiguousarray(weight.bits), out)
+            elif isinstance(weight, Bf16Weight):
                 _gemv_bf16(x2, np.ascontiguousarray(weight.bits), out)
             else:
                 _gemv_int8(x2, np.ascontiguousarray(weight.q), weight.scale, out)

@@ -131,7 +131,8 @@ def _assert_sum_order(y, x, w_float, bias=None):
 @needs_numba
 @pytest.mark.parametrize("pack", [packing.bf16_weight, packing.int8_weight], ids=["bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 300])  # decode kernel (<= 8 rows) and the blocked BLAS prefill
-@pytest.mark.parametrize("shape", [(37, 53), (1030, 515), (5, 2100)])  # out % 4 != 0, odd in, fewer rows than a block
+@pytest.mark.parametrize("shape", [(37, 53), (1030, 515), (5, 2100), (1030, 2051)])  # out % 4 != 0, odd in, few rows;
+#                                    in >= 2048: bf16's four-rows-a-pass kernel (BF16_ROWS4_FROM_K), with 1 and 2 rows left over
 def test_packed_linear_equals_float32_matmul_of_widened(pack, rows, shape):
     w, x, bias = _case(*shape, rows)
     W = pack(w)

@@ -58,7 +58,8 @@ except ImportError:  # numba is the optional `fast` extra
     HAVE_NUMBA = False
 
 DECODE_ROWS = 8  # at most this many activation rows take the one-pass kernel; more go to BLAS
-ROWS = 4  # prefill blocks hold at least this many weight rows
+ROWS = 512  # prefill blocks hold at least this many weight rows (32 MiB for 3B's 16384-wide rows; `mid`'s fit in
+#            BLOCK_BYTES, so its buffer, counted in its peak RSS, stays 16 MiB)
 CHUNK = 64  # weight rows a thread takes at a time: a preempted thread (shared CPUs) holds up little
 DENSE_ROWS = 8  # float32 decode reads this many weight rows side by side (_gemv_f32). Their eight streams keep more
 #                 lines in flight than one: over the 3B shapes' 10 GB of mapped float32 (2 threads, a Xeon with a
@@ -70,10 +71,10 @@ BF16_ROWS4_FROM_K = 2048  # bf16 decode reads four rows side by side where rows 
 #                          freshly written, its page cache in large folios), `mid` [1024, 8192] 0.77 / 0.65, but
 #                          `mid`'s 1024-wide rows 0.82 / 0.90 ([8192, 1024]) and 3.70 / 3.81 (the head). int8 keeps
 #                          one row: four lost 40 % on 3B's 2048-wide rows (its prefetching segments do better)
-BLOCK_BYTES = 1 << 25  # float32 bytes of widened weight per BLAS block in prefill: 32 MiB. Each BLAS call re-packs
-#                      all of x, so blocks must hold many rows: 2 MiB blocks were 3-4x slower at M = 300, and at
-#                      M = 270 a 3B down projection [2048, 16384] took 1.30x float32 BLAS's time with 16 MiB blocks
-#                      (256 rows), 1.11x with 32 MiB, 1.10x with 64 MiB (the rest is the widening itself)
+BLOCK_BYTES = 1 << 24  # float32 bytes of widened weight per BLAS block in prefill: 16 MiB, and at least ROWS rows.
+#                      Each BLAS call re-packs all of x, so blocks must hold many rows: 2 MiB blocks were 3-4x slower
+#                      at M = 300, and at M = 270 a 3B down projection [2048, 16384] took 1.30x float32 BLAS's time in
+#                      16 MiB blocks (256 rows), 1.11x in 32 MiB (512), 1.10x in 64 MiB (the rest is the widening)
 SEGMENT_BYTES = 512  # int8 decode multiplies a row in segments of this many weights (bytes), and before each
 PREFETCH_BYTES = 2048  # asks for the bytes this far ahead (llvm.prefetch). Its loop eats a cache line per 64
 #                       weights, too slowly for the hardware prefetcher to keep enough lines in flight: on a 2-core

@@ -143,12 +143,13 @@ def test_packed_linear_equals_float32_matmul_of_widened(pack, rows, shape):
 @needs_numba
 def test_packed_linear_prefill_many_blocks():
     w, x, _ = _case(301, 70, 40)
-    numba_kernels.BLOCK_BYTES, before = 4 * 70 * 8, numba_kernels.BLOCK_BYTES  # 8 rows per BLAS block: 38 blocks
+    before = numba_kernels.BLOCK_BYTES, numba_kernels.ROWS
+    numba_kernels.BLOCK_BYTES, numba_kernels.ROWS = 4 * 70 * 8, 4  # 8 rows per BLAS block: 38 blocks
     try:
         for W in (packing.bf16_weight(w), packing.int8_weight(w)):
             _assert_sum_order(numba_kernels.packed_linear(x, W), x, W.widen())
     finally:
-        numba_kernels.BLOCK_BYTES = before
+        numba_kernels.BLOCK_BYTES, numba_kernels.ROWS = before
 
 
 @needs_numba

@@ -185,9 +185,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--weights", default="float32", help="npvlm: float32 | bfloat16 | int8 (npvlm.load(weights=...))")
     a = ap.parse_args(argv)
-    if a.side == "npvlm" and a.weights in ("bfloat16", "int8"):
-        # as the npvlm command sets it for packed weights (npvlm/apps/start.py), before numpy loads OpenBLAS: its
-        # threads then sleep right after prefill instead of spinning ~0.1 s on the cores numba's decode kernels use
+    if a.side == "npvlm":
+        # as the npvlm command sets it (npvlm/apps/start.py), before numpy loads OpenBLAS: its threads then sleep
+        # right after a call instead of spinning ~0.1 s on the cores numba's kernels use (packed weights, and a
+        # large float32 model's decode loop and its calibration at load)
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     limit_threads(a.threads)
     if a.side == "bandwidth":

@@ -6,10 +6,13 @@ Two things must happen this early:
   import into an ImportError with a page of advice; so SIGINT is held back (blocked) while they import and
   delivered, as a KeyboardInterrupt caught here, the moment they are in. (Before this module runs, Python itself
   starts and imports `site` and `runpy`: about 15 ms here in which a Ctrl-C meets the interpreter's own handling.)
-- OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it. With packed weights (`--weights bfloat16|int8`)
-  numba's threads and OpenBLAS's share the cores, and OpenBLAS's idle threads busy-wait for about 2^28 cycles after
-  each call (its default), taking a core from numba's kernels. 4 (2^4 cycles, OpenBLAS's minimum) lets them sleep
-  at once. Set only when the user has not set it, and only for packed weights: a float32 run has no numba threads.
+- OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it. numba's threads and OpenBLAS's share the cores
+  whenever numba's kernels run: packed weights (`--weights bfloat16|int8`), and float32 models of 64 MiB or more,
+  whose decode loop is timed against BLAS at load (backends/numba_kernels.dense_beats_blas). OpenBLAS's idle
+  threads busy-wait for about 2^28 cycles after each call (its default), taking a core from numba's kernels: on
+  `mid` the float32 calibration then chose BLAS in 6 loads of 6, and with the wait set, the loop in 4 of 4.
+  4 (2^4 cycles, OpenBLAS's minimum) lets them sleep at once; decoding the tiny model through BLAS costs the same
+  with it (0.33-0.38 against 0.33-0.34 ms a token). Set only when the user has not set it, before any numpy import.
 """
 
 from __future__ import annotations
@@ -19,19 +22,10 @@ import signal
 import sys
 from contextlib import contextmanager
 
-PACKED = ("bfloat16", "int8")
 
-
-def early_environment(argv: list[str], environ=os.environ) -> None:
+def early_environment(environ=os.environ) -> None:
     """Settings that must be in the environment before numpy is imported (see the module docstring)."""
-    weights = None
-    for i, a in enumerate(argv):
-        if a == "--weights" and i + 1 < len(argv):
-            weights = argv[i + 1]
-        elif a.startswith("--weights="):
-            weights = a.split("=", 1)[1]
-    if weights in PACKED:
-        environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 @contextmanager
@@ -45,7 +39,7 @@ def sigint_held():
 
 
 def main(argv: list[str] | None = None) -> int:
-    early_environment(sys.argv[1:] if argv is None else list(argv))
+    early_environment()
     try:
         with sigint_held():
             import numpy  # noqa: F401  (see the module docstring)

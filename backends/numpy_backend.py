@@ -52,7 +52,8 @@ class NumpyBackend(Backend):
         numba (the `fast` extra) nn.linear widens them on its reference path: same numbers, slower. A float32
         model of DENSE_KERNEL_BYTES or more gets numba's float32 decode loop too (dense_linear) where it
         out-reads BLAS on this CPU (measured once, numba_kernels.dense_beats_blas); a smaller one decodes
-        from the cache, where BLAS is as fast and the import would cost more than it saves."""
+        from the cache, where BLAS is as fast and the import would cost more than it saves. Wherever numba is
+        loaded, a prefill's GELU runs as one parallel pass too (numba_elementwise.py: within 5e-7 of the reference)."""
         from .packing import pack_weights
 
         out = pack_weights(flat, weights)
@@ -63,6 +64,9 @@ class NumpyBackend(Backend):
 
         if not numba_kernels.HAVE_NUMBA:
             return out
+        from .numba_elementwise import register_numba_elementwise
+
+        register_numba_elementwise()  # GELU in one parallel pass: prefill's largest elementwise cost
         if self._threads is not None:
             _numba_threads(self._threads)  # before the calibration, which times the loop on these threads
         dense = weights == "float32" and numba_kernels.dense_beats_blas(_decode_matrices(out))

@@ -26,16 +26,6 @@ SUM_ORDER = 1e-5  # another summation order and FMA rounding: |diff| <= 1e-5 * s
 MIN_MARGIN = 1e-3  # as tests/test_generate.py: greedy tokens compared where the top-2 gap is far above float32 noise
 
 
-@pytest.fixture
-def restore_table():
-    """Whatever a test registers, the seam's table is as it was afterwards (registration is process-wide)."""
-    saved = {name: dict(table) for name, table in fast_ops._TABLE.items()}
-    yield
-    for name, table in fast_ops._TABLE.items():
-        table.clear()
-        table.update(saved.get(name, {}))
-
-
 def _case(n_out, n_in, rows, seed=5):
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((n_out, n_in), dtype=np.float32), rng.standard_normal((rows, n_in), dtype=np.float32),

@@ -28,15 +28,6 @@ GELU_ABS = 5e-7  # |numba - reference|: two float32 roundings of the same functi
 
 
 @pytest.fixture
-def restore_table():
-    saved = {name: dict(table) for name, table in fast_ops._TABLE.items()}
-    yield
-    for name, table in fast_ops._TABLE.items():
-        table.clear()
-        table.update(saved.get(name, {}))
-
-
-@pytest.fixture
 def every_size(monkeypatch):
     monkeypatch.setattr(numba_elementwise, "PARALLEL_MIN", 1)  # the edge cases below are a few floats
 

@@ -118,17 +118,25 @@ if HAVE_NUMBA:
         for line in range(0, nbytes, 64):
             _prefetch(numba.uintp(address + line))
 
+    @njit(inline="always")
+    def _dot_bf16(xm, wn):  # [K] f32, [K] u16 -> sum_k xm[k] * widen(wn[k]), inlined (and vectorised) in its kernel
+        s = np.float32(0.0)
+        for k in range(xm.shape[0]):  # vectorised: 16 widenings and one FMA per zmm register
+            s += xm[k] * _bf16(wn[k])
+        return s
+
+    @njit(inline="always")
+    def _dot_f32(xm, wn):  # [K] f32, [K] f32 -> sum_k xm[k] * wn[k], inlined (and vectorised) in its kernel
+        s = np.float32(0.0)
+        for k in range(xm.shape[0]):
+            s += xm[k] * wn[k]
+        return s
+
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_bf16(x, bits, out):  # [M, K] f32, [N, K] u16 -> out [M, N] f32
-        M, K = x.shape
         for n in prange(bits.shape[0]):  # one output row per iteration: its K weights stream once
-            wn = bits[n]
-            for m in range(M):  # rows of x: the weight row (2K bytes) stays in L1 between them
-                xm = x[m]
-                s = np.float32(0.0)
-                for k in range(K):  # vectorised: 16 widenings and one FMA per zmm register
-                    s += xm[k] * _bf16(wn[k])
-                out[m, n] = s
+            for m in range(x.shape[0]):  # rows of x: the weight row (2K bytes) stays in L1 between them
+                out[m, n] = _dot_bf16(x[m], bits[n])
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_bf16_rows4(x, bits, out):  # as _gemv_bf16, four rows side by side (rows of BF16_ROWS4_FROM_K or more)
@@ -150,13 +158,8 @@ if HAVE_NUMBA:
                     out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = s0, s1, s2, s3
             else:  # the last N % 4 rows, one at a time
                 for r in range(n, N):
-                    wr = bits[r]
                     for m in range(M):
-                        xm = x[m]
-                        s = np.float32(0.0)
-                        for k in range(K):
-                            s += xm[k] * _bf16(wr[k])
-                        out[m, r] = s
+                        out[m, r] = _dot_bf16(x[m], bits[r])
 
     @njit(parallel=True, cache=True, fastmath=_REDUCE)
     def _gemv_int8(x, q, scale, out):  # [M, K] f32, [N, K] i8, [N] f32 -> out [M, N] f32
@@ -203,13 +206,8 @@ if HAVE_NUMBA:
                     out[m, n + 4], out[m, n + 5], out[m, n + 6], out[m, n + 7] = s4, s5, s6, s7
             else:  # the last N % 8 rows, one at a time
                 for r in range(n, N):
-                    wr = w[r]
                     for m in range(M):
-                        xm = x[m]
-                        s = np.float32(0.0)
-                        for k in range(K):
-                            s += xm[k] * wr[k]
-                        out[m, r] = s
+                        out[m, r] = _dot_f32(x[m], w[r])
 
     @njit(parallel=True, cache=True)
     def _widen_bf16_rows(bits, a, b, buf):  # bits[a:b] -> buf[:b-a] float32, exact
